@@ -1,0 +1,253 @@
+"""The Python API: ``nstlab.stylize(content, style, config) -> Result``.
+
+This layer owns what the engine must not: loading and resizing images, choosing the device, building (and
+caching) extractors, and writing outputs with their run records.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from nstlab import images
+from nstlab.config import StylizeConfig
+from nstlab.engine import EngineResult, Progress, optimize
+from nstlab.errors import ConfigError, DeviceError, NonFiniteLossError, StylizeInterrupted
+from nstlab.features import FeatureExtractor, build_extractor, get_spec
+from nstlab.memory import peak_bytes, reset_peak
+
+ImageInput = str | os.PathLike[str] | Image.Image
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: this image was made with an untrained, randomly initialised feature extractor. "
+    "It is a smoke-test output, not a style transfer result."
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist"
+            )
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError("device 'mps' requested but MPS is not available here; use --device cpu")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_extractor(name: str, layers: tuple[str, ...], weights: str, device: str) -> FeatureExtractor:
+    return build_extractor(get_spec(name), layers, weights).to(device)
+
+
+def get_extractor(cfg: StylizeConfig, device: torch.device) -> FeatureExtractor:
+    """The cached frozen extractor for ``cfg``, shared by runs with the same extractor, layers, weights."""
+    cfg = cfg.resolved()
+    assert cfg.content_layers is not None and cfg.style_layers is not None
+    layers = tuple(dict.fromkeys(cfg.content_layers + cfg.style_layers))
+    return _cached_extractor(cfg.extractor, layers, cfg.weights, str(device))
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import PIL
+    import torchvision
+
+    from nstlab import __version__
+
+    out = {
+        "nstlab": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "platform": platform.platform(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+@dataclass
+class InputImage:
+    """An input image, loaded as RGB, with where it came from (for the record)."""
+
+    image: Image.Image
+    source: str
+    sha256: str
+    original_size: tuple[int, int]
+
+    @classmethod
+    def load(cls, value: ImageInput | InputImage, what: str) -> InputImage:
+        if isinstance(value, InputImage):
+            return value
+        if isinstance(value, Image.Image):
+            rgb = value.convert("RGB")
+            return cls(rgb, f"<in-memory {what} image>", hashlib.sha256(rgb.tobytes()).hexdigest(), rgb.size)
+        if not isinstance(value, str | os.PathLike):
+            raise ConfigError(f"{what} must be a path or a PIL image, got {type(value).__name__}")
+        img = images.load_image(value)
+        return cls(img, str(Path(value)), images.file_sha256(value), img.size)
+
+    def record(self, used: tuple[int, int]) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "sha256": self.sha256,
+            "original_size": list(self.original_size),
+            "used_size": list(used),
+        }
+
+
+@dataclass
+class Result:
+    """A finished (or stopped) stylisation: the image, what produced it, and how it went."""
+
+    image: Tensor  # (1, 3, H, W) float32 in [0, 1], CPU
+    config: StylizeConfig  # resolved
+    engine: EngineResult
+    record: dict[str, Any] = field(repr=False)
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.record["weights"]["random"])
+
+    @property
+    def trace(self) -> list[dict[str, float]]:
+        return self.engine.trace
+
+    def to_pil(self) -> Image.Image:
+        return images.to_pil(self.image)
+
+    def save(self, path: str | os.PathLike[str], *, record: bool = True) -> Path:
+        """Write the image (atomically) and, beside it, the JSON run record. Returns the image path."""
+        path = Path(path)
+        meta = {
+            "nstlab:config": json.dumps(self.record["config"], sort_keys=True),
+            "nstlab:weights": self.record["weights"]["source"],
+        }
+        if self.random_weights:
+            meta["nstlab:warning"] = RANDOM_WEIGHTS_WARNING
+        images.save_image(self.image, path, metadata=meta)
+        if record:
+            write_record(self.record | {"output": str(path)}, sidecar_path(path))
+        return path
+
+
+def sidecar_path(image_path: str | os.PathLike[str]) -> Path:
+    return Path(image_path).with_suffix(".json")
+
+
+def write_record(record: dict[str, Any], path: Path) -> None:
+    images.write_text_atomic(path, json.dumps(record, indent=1, sort_keys=False) + "\n")
+
+
+def prepare_inputs(
+    content: ImageInput | InputImage, style: ImageInput | InputImage, cfg: StylizeConfig
+) -> tuple[InputImage, InputImage, Image.Image, Image.Image]:
+    """Load both images and resize: content to ``cfg.size`` on its long side, style to the same long side."""
+    cin, sin = InputImage.load(content, "content"), InputImage.load(style, "style")
+    spec = get_spec(cfg.extractor)
+    resolved = cfg.resolved()
+    assert resolved.content_layers is not None and resolved.style_layers is not None
+    layers = resolved.content_layers + resolved.style_layers
+    minimum = spec.min_side(layers)
+    what = f"{spec.display} (layer {max(layers, key=spec.strides)})"
+    c = images.resize_long_side(cin.image, cfg.size)
+    images.check_min_size(c, minimum, f"the content image at --size {cfg.size} with {what}")
+    s = images.resize_long_side(sin.image, max(c.size))
+    images.check_min_size(s, minimum, f"the style image at --size {cfg.size} with {what}")
+    return cin, sin, c, s
+
+
+def stylize(
+    content: ImageInput | InputImage,
+    style: ImageInput | InputImage,
+    config: StylizeConfig | None = None,
+    *,
+    on_step: Callable[[Progress], None] | None = None,
+    snapshot_at: Collection[int] = (),
+    **overrides: Any,
+) -> Result:
+    """Stylise ``content`` with ``style``. ``config`` defaults to the report's best setting; keyword
+    ``overrides`` replace single fields (``stylize(c, s, iterations=200, weights="random")``).
+
+    Raises an :class:`~nstlab.errors.InputError` subclass for bad images, options, devices or weights,
+    :class:`~nstlab.errors.NonFiniteLossError` when the loss breaks down and
+    :class:`~nstlab.errors.StylizeInterrupted` on Ctrl-C; both carry a partial :class:`Result` in ``.result``.
+    """
+    cfg = config or StylizeConfig()
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    device = resolve_device(cfg.device)
+    cin, sin, c_img, s_img = prepare_inputs(content, style, cfg)
+    extractor = get_extractor(cfg, device)
+    c = images.to_tensor(c_img).to(device)
+    s = images.to_tensor(s_img).to(device)
+    reset_peak(device)
+    started = _dt.datetime.now(_dt.timezone.utc)
+
+    def finish(res: EngineResult) -> Result:
+        peak, peak_kind = peak_bytes(device)
+        resolved = cfg.resolved()
+        record: dict[str, Any] = {
+            "nstlab_record": 1,
+            "random_weights": extractor.weights.random,
+            **({"warning": RANDOM_WEIGHTS_WARNING} if extractor.weights.random else {}),
+            "config": resolved.to_dict(),
+            "seed": cfg.seed,
+            "device": str(device),
+            "versions": versions(),
+            "weights": extractor.weights.as_dict(),
+            "inputs": {"content": cin.record(c_img.size), "style": sin.record(s_img.size)},
+            "optimizer": res.optimizer,
+            "run": {
+                "started": started.isoformat(timespec="seconds"),
+                "stop_reason": res.stop_reason,
+                "evaluations": res.evaluations,
+                "optimizer_steps": res.steps,
+                "wall_time_s": round(res.wall_time_s, 4),
+                "seconds_per_evaluation": round(res.wall_time_s / max(res.evaluations, 1), 5),
+                "peak_memory_bytes": peak,
+                "peak_memory_kind": peak_kind,
+            },
+            "final_losses": res.trace[-1] if res.trace else None,
+            "trace": res.trace,
+        }
+        return Result(res.image, resolved, res, record)
+
+    try:
+        res = optimize(extractor, c, s, cfg, on_step=on_step, snapshot_at=snapshot_at)
+    except NonFiniteLossError as exc:
+        exc.result = finish(exc.result)
+        raise
+    except StylizeInterrupted as exc:
+        exc.result = finish(exc.result)
+        raise
+    return finish(res)
+
+
+__all__ = ["InputImage", "Result", "resolve_device", "sidecar_path", "stylize", "versions"]

@@ -1,0 +1,234 @@
+"""The stylisation engine: optimise an image so its features match the content and its Grams the style.
+
+Pure computation: tensors in, tensors out. No printing and no file I/O; progress goes to a callback.
+
+Objective (Gatys et al. 2015, Eq. 7, plus TV):
+    L(p) = lambda_c * L_content(x) + lambda_s * L_style(x) + lambda_tv * L_tv(x) + mu * L_range(p),
+    x = clamp(p, 0, 1)
+where p is the optimised parameter. Keeping pixels valid by clamping p in place after each step (as many
+implementations do) changes the iterate behind the optimiser's back and invalidates L-BFGS's curvature
+pairs (s_k, y_k). Instead the objective itself is a fixed, continuous function of p: the network sees the
+clamped image, and a quadratic penalty mu * mean((p - clamp(p))^2) pulls escaped pixels back. The same
+objective is used for every optimiser so the ablation compares optimisers, not constraint schemes.
+
+Budget: one iteration = one objective evaluation (forward + backward), for every optimiser, so that a
+1000-iteration L-BFGS run and a 1000-iteration Adam run cost the same. The returned image is the iterate of
+the last evaluation, so its loss is the last entry of the trace; the image after k evaluations of a longer
+run is therefore exactly the image a k-evaluation run returns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nstlab import losses
+from nstlab.config import StylizeConfig
+from nstlab.errors import NonFiniteLossError, StylizeInterrupted
+from nstlab.features import FeatureExtractor
+from nstlab.optim import make_optimizer, optimizer_settings
+
+# mu above. Large enough that a pixel pushed out of [0, 1] is pulled back within a few steps, small enough
+# that the objective stays well conditioned near the box boundary.
+RANGE_WEIGHT = 1e3
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the engine reports after each evaluation."""
+
+    evaluation: int  # 1-based count of objective evaluations so far
+    total: int  # the evaluation budget
+    step: int  # optimiser .step() calls so far
+    losses: dict[str, float]  # weighted terms and "total"
+    elapsed: float  # seconds since optimisation started
+    image: Tensor | None = None  # the current image (1, 3, H, W) on the CPU, only at requested snapshots
+
+
+@dataclass
+class EngineResult:
+    image: Tensor  # (1, 3, H, W) float32 in [0, 1], on the CPU
+    trace: list[dict[str, float]]
+    evaluations: int
+    steps: int
+    stop_reason: str  # "budget" | "converged" | "nonfinite" | "interrupted"
+    wall_time_s: float
+    optimizer: dict[str, Any]
+    snapshots: dict[int, Tensor] = field(default_factory=dict)
+
+
+class _BudgetSpent(Exception):
+    """Raised by the closure instead of evaluating past the budget; ends an L-BFGS step cleanly."""
+
+
+class _NonFinite(Exception):
+    def __init__(self, losses: dict[str, float]) -> None:
+        super().__init__()
+        self.losses = losses
+
+
+class Objective:
+    """Targets computed once; ``terms(p)`` gives the weighted loss terms at parameter ``p``."""
+
+    def __init__(
+        self, extractor: FeatureExtractor, content: Tensor, style: Tensor, cfg: StylizeConfig
+    ) -> None:
+        cfg = cfg.resolved()
+        assert cfg.content_layers is not None and cfg.style_layers is not None
+        assert cfg.style_layer_weights is not None
+        self.extractor = extractor
+        self.cfg = cfg
+        self.use = set(cfg.losses)
+        self.content_layers = cfg.content_layers if "content" in self.use else ()
+        self.style_weights = dict(zip(cfg.style_layers, cfg.style_layer_weights, strict=True))
+        if "style" not in self.use:
+            self.style_weights = {}
+        with torch.no_grad():
+            content_feats = extractor(content) if self.content_layers else {}
+            style_feats = extractor(style) if self.style_weights else {}
+            # clone(): targets must be ordinary tensors, detached from anything that could be reused.
+            self.content_targets = {k: content_feats[k].detach().clone() for k in self.content_layers}
+            self.style_targets = {k: losses.gram_matrix(style_feats[k]).clone() for k in self.style_weights}
+
+    def terms(self, param: Tensor) -> dict[str, Tensor]:
+        x = param.clamp(0.0, 1.0)
+        out: dict[str, Tensor] = {}
+        if self.content_layers or self.style_weights:
+            feats = self.extractor(x)
+        if self.content_layers:
+            c = sum(
+                (losses.content_loss(feats[k], self.content_targets[k]) for k in self.content_layers),
+                torch.zeros((), device=x.device),
+            )
+            out["content"] = self.cfg.content_weight * c
+        if self.style_weights:
+            grams = {k: losses.gram_matrix(feats[k]) for k in self.style_weights}
+            out["style"] = self.cfg.style_weight * losses.style_loss(
+                grams, self.style_targets, self.style_weights
+            )
+        if "tv" in self.use:
+            out["tv"] = self.cfg.tv_weight * losses.tv_loss(x)
+        out["range"] = RANGE_WEIGHT * losses.range_penalty(param)
+        return out
+
+
+def initial_image(cfg: StylizeConfig, content: Tensor, style: Tensor) -> Tensor:
+    """The starting point: the content image, seeded uniform noise, or the style image at content size."""
+    if cfg.init == "content":
+        return content.detach().clone()
+    if cfg.init == "noise":
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        return torch.rand(content.shape, generator=gen).to(content.device)
+    h, w = content.shape[-2:]
+    resized = F.interpolate(style, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return resized.clamp(0.0, 1.0).contiguous()
+
+
+def optimize(
+    extractor: FeatureExtractor,
+    content: Tensor,
+    style: Tensor,
+    cfg: StylizeConfig,
+    *,
+    on_step: Callable[[Progress], None] | None = None,
+    snapshot_at: Collection[int] = (),
+) -> EngineResult:
+    """Run the optimisation. ``content`` and ``style`` are (1, 3, H, W) tensors in [0, 1] on one device.
+
+    Raises NonFiniteLossError (with the last finite image in ``.result``) when the loss becomes NaN/inf and
+    StylizeInterrupted (with the current image in ``.result``) on Ctrl-C.
+    """
+    cfg = cfg.resolved()
+    assert cfg.lr is not None
+    torch.manual_seed(cfg.seed)
+    objective = Objective(extractor, content, style, cfg)
+    # A contiguous NCHW leaf: L-BFGS flattens gradients with .view(-1), which fails on other layouts.
+    param = initial_image(cfg, content, style).contiguous().requires_grad_(True)
+    opt = make_optimizer(cfg.optimizer, param, cfg.lr)
+    budget = cfg.iterations
+    snapshots_wanted = set(snapshot_at)
+    trace: list[dict[str, float]] = []
+    snapshots: dict[int, Tensor] = {}
+    state = {"evals": 0, "steps": 0}
+    last_image = param.detach().clamp(0, 1).cpu().clone()
+    start = time.perf_counter()
+
+    def closure() -> Tensor:
+        nonlocal last_image
+        if state["evals"] >= budget:
+            raise _BudgetSpent
+        opt.zero_grad(set_to_none=True)
+        terms = objective.terms(param)
+        stacked = torch.stack(list(terms.values()))
+        total = stacked.sum()
+        # One host sync per evaluation for all the numbers the trace needs.
+        numbers = torch.cat([stacked.detach(), total.detach().reshape(1)]).tolist()
+        values = dict(zip([*terms, "total"], numbers, strict=True))
+        if not math.isfinite(values["total"]):
+            raise _NonFinite(values)
+        total.backward()  # type: ignore[no-untyped-call]
+        state["evals"] += 1
+        n = state["evals"]
+        trace.append(values)
+        # The image this evaluation scored; what we return if the budget ends (or the loss breaks) next.
+        last_image = param.detach().clamp(0.0, 1.0).cpu().clone()
+        if n in snapshots_wanted:
+            snapshots[n] = last_image
+        if on_step is not None:
+            on_step(
+                Progress(
+                    n,
+                    budget,
+                    state["steps"],
+                    values,
+                    time.perf_counter() - start,
+                    last_image if n in snapshots_wanted else None,
+                )
+            )
+        return total
+
+    def result(reason: str) -> EngineResult:
+        return EngineResult(
+            last_image,
+            trace,
+            state["evals"],
+            state["steps"],
+            reason,
+            time.perf_counter() - start,
+            optimizer_settings(opt),
+            snapshots,
+        )
+
+    reason = "budget"
+    try:
+        while state["evals"] < budget:
+            before = param.detach().clone() if cfg.optimizer == "lbfgs" else None
+            try:
+                opt.step(closure)  # type: ignore[arg-type]  # torch types closures as -> float
+            except _BudgetSpent:
+                break
+            finally:
+                state["steps"] += 1
+            # L-BFGS returns without moving when the gradient or the change is below its tolerance; every
+            # further step would only re-evaluate the same point.
+            if before is not None and torch.equal(before, param.detach()):
+                reason = "converged"
+                break
+    except _NonFinite as exc:
+        n = state["evals"] + 1
+        bad = ", ".join(f"{k}={v:g}" for k, v in exc.losses.items() if not math.isfinite(v))
+        raise NonFiniteLossError(
+            f"loss became non-finite at iteration {n} ({bad}); kept the image of iteration {n - 1}",
+            evaluation=n,
+            result=result("nonfinite"),
+        ) from None
+    except KeyboardInterrupt:
+        raise StylizeInterrupted(result("interrupted")) from None
+    return result(reason)

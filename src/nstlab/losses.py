@@ -1,0 +1,55 @@
+"""The three loss terms of Gatys-style transfer, as pure functions of tensors.
+
+Conventions (chosen to match the PyTorch neural-style tutorial, whose scale the report's
+lambda_content = 1, lambda_style = 1e6 were tuned for):
+
+* content:  L_c = sum over content layers l of mean((F_l(x) - F_l(c))^2)      (Gatys et al. Eq. 1, as MSE)
+* Gram:     G_l = F_l F_l^T / (C_l * H_l * W_l), F_l reshaped to (C_l, H_l * W_l)   (size-normalised)
+* style:    L_s = sum over style layers l of w_l * mean((G_l(x) - G_l(s))^2)          (Gatys et al. Eq. 4-5)
+* TV:       L_tv = mean((x[i+1, j] - x[i, j])^2) + mean((x[i, j+1] - x[i, j])^2)      (squared, smooth)
+
+Normalising the Gram by C*H*W makes the style loss independent of the image size, so one lambda_style
+serves 256 px and 1024 px alike. Squared (not absolute) TV keeps the objective smooth, which L-BFGS needs.
+Gram matrices and losses are always computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, C), normalised by C * H * W."""
+    n, c, h, w = features.shape
+    f = features.float().reshape(n, c, h * w)
+    return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+
+
+def content_loss(features: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error between feature maps."""
+    return torch.mean((features.float() - target.float()) ** 2)
+
+
+def style_loss(
+    grams: Mapping[str, Tensor], targets: Mapping[str, Tensor], weights: Mapping[str, float]
+) -> Tensor:
+    """Weighted sum over layers of the mean squared error between Gram matrices."""
+    total = torch.zeros((), device=next(iter(grams.values())).device)
+    for layer, weight in weights.items():
+        total = total + weight * torch.mean((grams[layer] - targets[layer]) ** 2)
+    return total
+
+
+def tv_loss(image: Tensor) -> Tensor:
+    """Squared total variation: mean squared difference between vertical and horizontal neighbours."""
+    dy = image[..., 1:, :] - image[..., :-1, :]
+    dx = image[..., :, 1:] - image[..., :, :-1]
+    return torch.mean(dy.float() ** 2) + torch.mean(dx.float() ** 2)
+
+
+def range_penalty(param: Tensor) -> Tensor:
+    """Squared distance of the optimised parameter from the valid pixel box [0, 1] (0 inside it)."""
+    return torch.mean((param - param.clamp(0.0, 1.0)) ** 2)

@@ -1,0 +1,38 @@
+"""Peak memory of a run: CUDA's allocator statistics, or the process's resident-set high-water mark."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak measurement (best effort: the CPU reset needs Linux's clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        # Writing 5 resets the kernel's peak-RSS counter (VmHWM) for this process (Linux >= 4.0).
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
+def peak_bytes(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process_peak_rss"
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "process_peak_rss_since_start"

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny real configurations on the CPU, and the shared data set when it is present."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nstlab.config import StylizeConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_config(**changes: object) -> StylizeConfig:
+    """The report's default setting shrunk for tests: 64 px, a few iterations, CPU, random weights."""
+    base: dict[str, object] = {"size": 64, "iterations": 6, "device": "cpu", "weights": "random"}
+    return StylizeConfig.from_dict({**base, **changes})
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "pairs.csv").is_file():
+        pytest.skip("../shared/data is not present in this checkout")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_pairs(shared_data: Path) -> list[tuple[str, Path, Path]]:
+    with open(shared_data / "pairs.csv", newline="") as fh:
+        return [(r["pair"], shared_data / r["content"], shared_data / r["style"]) for r in csv.DictReader(fh)]
+
+
+def _smooth_image(seed: int, size: tuple[int, int]) -> Image.Image:
+    # Low-frequency colour fields: image-like (structured), unlike white noise.
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = rng.random((4, 4, 3))
+    img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    return img
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """A synthetic content/style pair of PNG files (no shared data needed)."""
+    content, style = tmp_path / "content.png", tmp_path / "style.png"
+    _smooth_image(1, (96, 72)).save(content)
+    _smooth_image(2, (80, 80)).save(style)
+    return content, style

@@ -1,0 +1,237 @@
+"""Extractors: the named layers are the right torchvision modules; truncation, freezing, weights loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+from torch import nn
+
+from nstlab.errors import ConfigError, WeightsError
+from nstlab.features import EXTRACTORS, build_extractor, get_spec
+from nstlab.features.base import IMAGENET_MEAN, IMAGENET_STD
+
+
+@pytest.mark.parametrize(
+    ("extractor", "layer", "index", "kind", "channels"),
+    [
+        ("vgg16", "relu1_2", 3, nn.ReLU, 64),
+        ("vgg16", "relu2_2", 8, nn.ReLU, 128),
+        ("vgg16", "relu3_3", 15, nn.ReLU, 256),
+        ("vgg16", "relu4_3", 22, nn.ReLU, 512),
+        ("vgg19", "relu1_1", 1, nn.ReLU, 64),
+        ("vgg19", "relu2_1", 6, nn.ReLU, 128),
+        ("vgg19", "relu3_1", 11, nn.ReLU, 256),
+        ("vgg19", "relu4_1", 20, nn.ReLU, 512),
+        ("vgg19", "relu4_2", 22, nn.ReLU, 512),
+        ("vgg19", "relu5_1", 29, nn.ReLU, 512),
+        ("vgg19", "conv4_2", 21, nn.Conv2d, 512),
+    ],
+)
+def test_vgg_layer_names_resolve_to_torchvision_modules(
+    extractor: str, layer: str, index: int, kind: type, channels: int
+) -> None:
+    # Indices from torchvision's VGG layout (and the literature's naming): e.g. VGG-19 relu4_2 is features.22.
+    spec = get_spec(extractor)
+    with torch.device("meta"):
+        model = spec.build()
+    node = spec.layer_nodes(model)[layer]
+    assert node == f"features.{index}"
+    module = model.features[index]
+    assert isinstance(module, kind)
+    # The conv that feeds this ReLU (or the conv itself) has the block's channel count.
+    conv = module if isinstance(module, nn.Conv2d) else model.features[index - 1]
+    assert isinstance(conv, nn.Conv2d) and conv.out_channels == channels
+
+
+def test_resnet_layer_names_are_torchvision_children() -> None:
+    spec = get_spec("resnet18")
+    with torch.device("meta"):
+        model = spec.build()
+    nodes = spec.layer_nodes(model)
+    for layer in ("conv1", "layer1", "layer2", "layer3"):
+        assert nodes[layer] == layer
+        assert getattr(model, layer) is dict(model.named_children())[layer]
+    assert "fc" not in nodes and "avgpool" not in nodes
+
+
+def test_report_layers() -> None:
+    assert get_spec("vgg16").content_layers == ("relu2_2",)
+    assert get_spec("vgg16").style_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+    assert get_spec("vgg19").content_layers == ("relu4_2",)
+    assert get_spec("vgg19").style_layers == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1")
+    assert get_spec("resnet18").content_layers == ("layer1",)
+    assert get_spec("resnet18").style_layers == ("conv1", "layer1", "layer2", "layer3")
+
+
+@pytest.mark.parametrize("name", list(EXTRACTORS))
+def test_extractor_outputs_frozen_truncated(name: str) -> None:
+    spec = get_spec(name)
+    layers = spec.content_layers + spec.style_layers
+    ext = build_extractor(spec, layers, "random")
+    x = torch.rand(1, 3, 64, 48)
+    out = ext(x)
+    assert set(out) == set(layers)
+    assert not any(p.requires_grad for p in ext.parameters())
+    assert not ext.training
+    # Each output's spatial size matches the spec's declared stride (64 and 48 divide evenly here).
+    for layer, t in out.items():
+        assert tuple(t.shape[-2:]) == (64 // spec.strides(layer), 48 // spec.strides(layer)), layer
+    # Truncation: no module deeper than the deepest requested layer is kept.
+    names = {n for n, _ in ext.body.named_modules()}
+    if name == "vgg19":
+        assert "features.29" in names and "features.30" not in names  # relu5_1 is the deepest
+    if name == "vgg16":
+        assert "features.22" in names and "features.23" not in names
+    if name == "resnet18":
+        assert "layer3" in names and "layer4" not in names and "fc" not in names
+
+
+def test_extractor_gradients_reach_the_image() -> None:
+    spec = get_spec("resnet18")
+    ext = build_extractor(spec, spec.style_layers, "random")
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    sum(t.sum() for t in ext(x).values()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_imagenet_normalisation_is_applied() -> None:
+    ext = build_extractor(get_spec("resnet18"), ("layer1",), "random")
+    x = torch.rand(1, 3, 8, 8)
+    expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(ext.normalize(x), expected)
+
+
+def test_random_weights_are_seeded_and_do_not_touch_global_rng() -> None:
+    spec = get_spec("resnet18")
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = build_extractor(spec, ("layer1",), "random")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = build_extractor(spec, ("layer1",), "random")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    assert a.weights.random and a.weights.source == "random"
+
+
+def test_unknown_layer_and_extractor_suggest() -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'relu4_2'"):
+        get_spec("vgg19").check_layers(["relu4_22"])
+    with pytest.raises(ConfigError, match="Did you mean 'vgg19'"):
+        get_spec("vgg91")
+
+
+# --- weights from a file, with torchvision's official key names ---------------------------------------
+
+
+def test_full_official_state_dict_loads(tmp_path: Path) -> None:
+    spec = get_spec("resnet18")
+    torch.manual_seed(7)
+    reference = spec.build()  # every official key, classifier included (45 MB)
+    with torch.no_grad():  # non-trivial BN statistics, so that loading them is visible
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    ext = build_extractor(spec, spec.style_layers, str(path))
+    assert ext.weights.source == "file" and not ext.weights.random and ext.weights.sha256
+    assert torch.equal(ext.body.conv1.weight, reference.conv1.weight)
+    assert torch.equal(ext.body.get_submodule("layer3.1.bn2").running_var, reference.layer3[1].bn2.running_var)
+    # Same activations as torchvision's own model truncated by hand.
+    reference.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        h = reference.conv1(ext.normalize(x))
+        expected = reference.layer1(reference.maxpool(reference.relu(reference.bn1(h))))
+        assert torch.allclose(ext(x)["layer1"], expected, atol=1e-5)
+
+
+def test_partial_official_state_dict_loads(tmp_path: Path) -> None:
+    # VGG-16 up to relu2_2 needs only features.0..7: a file with just those keys (official names) is enough.
+    spec = get_spec("vgg16")
+    with torch.device("meta"):
+        meta = spec.build()
+    keep = {f"features.{i}.{p}" for i in (0, 2, 5, 7) for p in ("weight", "bias")}
+    state = {k: torch.randn(v.shape) for k, v in meta.state_dict().items() if k in keep}
+    assert set(state) == {f"features.{i}.{p}" for i in (0, 2, 5, 7) for p in ("weight", "bias")}
+    path = tmp_path / "vgg16_part.pth"
+    torch.save(state, path)
+    ext = build_extractor(spec, ("relu1_2", "relu2_2"), str(path))
+    assert torch.equal(ext.body.get_submodule("features.5").weight, state["features.5.weight"])
+
+
+def test_state_dict_with_wrong_keys_is_rejected(tmp_path: Path) -> None:
+    spec = get_spec("resnet18")
+    state = {("module." + k): v for k, v in spec.build().state_dict().items()}  # DataParallel-style prefix
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="official key names"):
+        build_extractor(spec, ("layer1",), str(path))
+
+
+def test_state_dict_missing_needed_keys_is_rejected(tmp_path: Path) -> None:
+    spec = get_spec("resnet18")
+    state = {k: v for k, v in spec.build().state_dict().items() if not k.startswith("layer2")}
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    build_extractor(spec, ("layer1",), str(path))  # layer2 not needed: fine
+    with pytest.raises(WeightsError, match="lacks .* needed keys, e.g. layer2"):
+        build_extractor(spec, ("layer2",), str(path))
+
+
+def test_state_dict_with_wrong_shape_is_rejected(tmp_path: Path) -> None:
+    spec = get_spec("resnet18")
+    state = spec.build().state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    path = tmp_path / "shape.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"conv1.weight has shape \(64, 3, 3, 3\), expected \(64, 3, 7, 7\)"):
+        build_extractor(spec, ("conv1",), str(path))
+
+
+def test_non_state_dict_files_are_rejected(tmp_path: Path) -> None:
+    spec = get_spec("resnet18")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="cannot load weights"):
+        build_extractor(spec, ("layer1",), str(junk))
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_extractor(spec, ("layer1",), str(tmp_path / "missing.pth"))
+    # A pickled module (not plain tensors) is refused by weights_only loading.
+    pickled = tmp_path / "module.pth"
+    torch.save(nn.Linear(2, 2), pickled)
+    with pytest.raises(WeightsError):
+        build_extractor(spec, ("layer1",), str(pickled))
+
+
+def test_torchvision_weights_missing_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty torch hub cache and a network that refuses: the error names the file and the three ways out.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    with pytest.raises(WeightsError) as info:
+        build_extractor(get_spec("vgg19"), ("relu4_2",), "torchvision")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in msg
+    assert "(1)" in msg and "(2)" in msg and "--weights FILE" in msg and "--weights random" in msg
+
+
+def test_torchvision_weights_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file already in the torch hub cache is used without any download.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    spec = get_spec("resnet18")
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    model = spec.build()
+    torch.save(model.state_dict(), cached)
+    ext = build_extractor(spec, ("layer1",), "torchvision")
+    assert ext.weights.source == "torchvision" and ext.weights.identifier == "ResNet18_Weights.IMAGENET1K_V1"
+    assert torch.equal(ext.body.conv1.weight, model.conv1.weight)
