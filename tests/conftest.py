@@ -42,10 +42,24 @@ def _smooth_image(seed: int, size: tuple[int, int]) -> Image.Image:
     return img
 
 
+def _texture_image(seed: int, size: tuple[int, int]) -> Image.Image:
+    # Diagonal colour stripes plus grain: a "style" whose statistics differ from the smooth content.
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    stripes = 0.5 + 0.5 * np.sin((xx + yy)[..., None] * np.array([0.7, 0.45, 0.2]))
+    img = np.clip(0.8 * stripes + 0.2 * rng.random((h, w, 3)), 0, 1)
+    return Image.fromarray((img * 255).astype(np.uint8))
+
+
+def write_pair(folder: Path) -> tuple[Path, Path]:
+    content, style = folder / "content.png", folder / "style.png"
+    _smooth_image(1, (96, 72)).save(content)
+    _texture_image(2, (80, 80)).save(style)
+    return content, style
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[Path, Path]:
     """A synthetic content/style pair of PNG files (no shared data needed)."""
-    content, style = tmp_path / "content.png", tmp_path / "style.png"
-    _smooth_image(1, (96, 72)).save(content)
-    _smooth_image(2, (80, 80)).save(style)
-    return content, style
+    return write_pair(tmp_path)
