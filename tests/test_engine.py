@@ -18,7 +18,9 @@ OPTIMIZERS = ("lbfgs", "adam", "adamw")
 INITS = ("content", "noise", "style")
 
 
-@pytest.mark.parametrize(("extractor", "optimizer", "init"), list(itertools.product(EXTRACTORS, OPTIMIZERS, INITS)))
+@pytest.mark.parametrize(
+    ("extractor", "optimizer", "init"), list(itertools.product(EXTRACTORS, OPTIMIZERS, INITS))
+)
 def test_every_combination_runs_and_lowers_its_loss(
     pair: tuple[Path, Path], extractor: str, optimizer: str, init: str
 ) -> None:
@@ -54,7 +56,10 @@ def test_learning_rates_default_per_optimiser_and_override(pair: tuple[Path, Pat
     assert nstlab.stylize(*pair, tiny_config(optimizer="adam", iterations=1)).engine.optimizer["lr"] == 0.1
     assert nstlab.stylize(*pair, tiny_config(optimizer="adamw", iterations=1)).engine.optimizer["lr"] == 0.01
     assert nstlab.stylize(*pair, tiny_config(iterations=1)).engine.optimizer["lr"] == 1.0
-    assert nstlab.stylize(*pair, tiny_config(optimizer="adam", lr=0.3, iterations=1)).engine.optimizer["lr"] == 0.3
+    assert (
+        nstlab.stylize(*pair, tiny_config(optimizer="adam", lr=0.3, iterations=1)).engine.optimizer["lr"]
+        == 0.3
+    )
 
 
 def test_same_seed_same_pixels(pair: tuple[Path, Path]) -> None:

@@ -61,7 +61,14 @@ def test_report_layers() -> None:
     assert get_spec("vgg16").content_layers == ("relu2_2",)
     assert get_spec("vgg16").style_layers == ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
     assert get_spec("vgg19").content_layers == ("relu4_2",)
-    assert get_spec("vgg19").style_layers == ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1")
+    assert get_spec("vgg19").style_layers == (
+        "relu1_1",
+        "relu2_1",
+        "relu3_1",
+        "relu4_1",
+        "relu4_2",
+        "relu5_1",
+    )
     assert get_spec("resnet18").content_layers == ("layer1",)
     assert get_spec("resnet18").style_layers == ("conv1", "layer1", "layer2", "layer3")
 
@@ -100,7 +107,9 @@ def test_extractor_gradients_reach_the_image() -> None:
 def test_imagenet_normalisation_is_applied() -> None:
     ext = build_extractor(get_spec("resnet18"), ("layer1",), "random")
     x = torch.rand(1, 3, 8, 8)
-    expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
     assert torch.allclose(ext.normalize(x), expected)
 
 
@@ -140,7 +149,9 @@ def test_full_official_state_dict_loads(tmp_path: Path) -> None:
     ext = build_extractor(spec, spec.style_layers, str(path))
     assert ext.weights.source == "file" and not ext.weights.random and ext.weights.sha256
     assert torch.equal(ext.body.conv1.weight, reference.conv1.weight)
-    assert torch.equal(ext.body.get_submodule("layer3.1.bn2").running_var, reference.layer3[1].bn2.running_var)
+    assert torch.equal(
+        ext.body.get_submodule("layer3.1.bn2").running_var, reference.layer3[1].bn2.running_var
+    )
     # Same activations as torchvision's own model truncated by hand.
     reference.eval()
     x = torch.rand(1, 3, 64, 64)
@@ -189,7 +200,9 @@ def test_state_dict_with_wrong_shape_is_rejected(tmp_path: Path) -> None:
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     path = tmp_path / "shape.pth"
     torch.save(state, path)
-    with pytest.raises(WeightsError, match=r"conv1.weight has shape \(64, 3, 3, 3\), expected \(64, 3, 7, 7\)"):
+    with pytest.raises(
+        WeightsError, match=r"conv1.weight has shape \(64, 3, 3, 3\), expected \(64, 3, 7, 7\)"
+    ):
         build_extractor(spec, ("conv1",), str(path))
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import _smooth_image
 from PIL import Image
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
+from conftest import _smooth_image
 from nstlab import images, metrics
 from nstlab.errors import ConfigError, ImageError, InputError, WeightsError
 
@@ -98,7 +98,9 @@ def test_agrees_with_skimage_on_shared_pairs(shared_pairs: list[tuple[str, Path,
     for _, content_path, style_path in shared_pairs:
         photo = images.resize_long_side(images.load_image(content_path), 128)  # 128 px keeps this fast
         w, h = photo.size
-        copy = photo.resize((w // 2, h // 2), Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BICUBIC)
+        copy = photo.resize((w // 2, h // 2), Image.Resampling.BILINEAR).resize(
+            (w, h), Image.Resampling.BICUBIC
+        )
         style = images.resize_to(images.load_image(style_path), photo.size)
         x = images.to_tensor(photo)
         _assert_matches_skimage(x, images.to_tensor(copy))
@@ -184,7 +186,7 @@ def test_unknown_convention() -> None:
 
 
 def test_aggregate_by_hand() -> None:
-    rows = [
+    rows: list[dict[str, float | bool | None]] = [
         {"mse": 0.01, "psnr": 20.0, "judge_random_weights": None},
         {"mse": 0.04, "psnr": 10 * math.log10(25), "judge_random_weights": True},
     ]
@@ -386,6 +388,7 @@ def test_lpips_with_cached_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert metrics.lpips_distance(x, y) > 0.0
     # The trunk really holds the cached file's weights (lpips' slice3.6 is torchvision's features.6).
     trunk = metrics._lpips_model("alex").net
+    assert isinstance(trunk, torch.nn.Module)
     assert torch.equal(getattr(trunk.slice3, "6").weight, state["features.6.weight"])
     row = metrics.evaluate_pair(x, y, lpips_net="alex")
     assert row["lpips"] == metrics.lpips_distance(x, y)
