@@ -7,8 +7,8 @@ import json
 import os
 import pty
 import signal
-import subprocess
 import struct
+import subprocess
 import sys
 import termios
 import time
@@ -248,8 +248,9 @@ def test_demo_falls_back_to_random_weights_loudly(
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: no pretrained weights here
 
-    import torch.hub
     from urllib.error import URLError
+
+    import torch.hub
 
     def offline(*args: object, **kwargs: object) -> None:
         raise URLError("offline")

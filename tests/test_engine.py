@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import tiny_config
 
 import nstlab
 from nstlab.engine import Progress
 from nstlab.errors import NonFiniteLossError, StylizeInterrupted
-from tests.conftest import tiny_config
 
 EXTRACTORS = ("vgg16", "vgg19", "resnet18")
 OPTIMIZERS = ("lbfgs", "adam", "adamw")

@@ -435,18 +435,16 @@ def aggregate(rows: Sequence[Mapping[str, float | bool | None]]) -> dict[str, di
     for key, values in columns.items():
         n = len(values)
         infinite = [v for v in values if math.isinf(v)]
-        stats: dict[str, float] = {"n": float(n)}
         if infinite:
             if len(set(infinite)) > 1:
                 raise InputError(f"{key} has both +inf and -inf values; its mean is undefined")
-            stats["mean"] = infinite[0]
-            stats["std"] = 0.0 if len(infinite) == n else math.inf
-            stats["n_inf"] = float(len(infinite))
+            # numpy would give nan for the mean of mixed +-inf and for any std involving inf.
+            spread = 0.0 if len(infinite) == n else math.inf
+            out[key] = {"mean": infinite[0], "std": spread, "n": float(n), "n_inf": float(len(infinite))}
         else:
             arr = np.asarray(values, dtype=np.float64)
-            stats["mean"] = float(arr.mean())
-            stats["std"] = float(arr.std(ddof=1)) if n > 1 else 0.0
-        out[key] = stats
+            std = float(arr.std(ddof=1)) if n > 1 else 0.0
+            out[key] = {"mean": float(arr.mean()), "std": std, "n": float(n)}
     if "mse" in out:
         out["psnr_of_mean_mse"] = {"value": _psnr_from_mse(out["mse"]["mean"]), "n": out["mse"]["n"]}
     return out
