@@ -16,8 +16,8 @@ demo: $(VENV)/.installed
 	$(BIN)/nstlab demo -o out/demo.png
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
 
 test: lint

@@ -366,6 +366,10 @@ def test_lpips_without_cached_backbone(tmp_path: Path, monkeypatch: pytest.Monke
         assert str(tmp_path / "checkpoints" / filename) in one_line(exc)
     with pytest.raises(ConfigError):
         metrics.lpips_distance(x, x, net="squeeze")
+    small = smooth(1, (30, 40))  # AlexNet's first conv and poolings need 31 px
+    with pytest.raises(ImageError) as exc:
+        metrics.lpips_distance(small, small)
+    assert "31 px" in one_line(exc)
 
 
 def test_lpips_with_cached_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -208,7 +208,7 @@ def stylize(
     c = images.to_tensor(c_img).to(device)
     s = images.to_tensor(s_img).to(device)
     reset_peak(device)
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _dt.datetime.now(_dt.UTC)
 
     def finish(res: EngineResult) -> Result:
         peak, peak_kind = peak_bytes(device)

@@ -107,6 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(demo)
     demo.set_defaults(size=256)  # a quick first look on a CPU; pass --size 512 for the report's scale
 
+    study = sub.add_parser("study", help="ablation studies: run a grid of (pair x setting) jobs, resumably")
+    study_sub = study.add_subparsers(dest="study_command", required=True)
+    run = study_sub.add_parser("run", help="run the jobs that are not done yet")
+    run.add_argument("study_file", help="study TOML file")
+    run.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink to seconds: 64 px, a few iterations, random weights, own output folder",
+    )
+    run.add_argument(
+        "--executor",
+        choices=["local", "pool", "ray"],
+        default="local",
+        help="local (default; one job at a time, all cores), pool (--workers processes) or ray",
+    )
+    run.add_argument("--workers", type=int, default=1, help="processes for the pool executor")
+    run.add_argument("--address", help="Ray cluster address HOST:PORT (default: start a local Ray)")
+    run.add_argument("--device", default="auto", help="device for every job (default: %(default)s)")
+    run.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray CPU request per job")
+    run.add_argument("--gpus-per-job", type=float, default=0.0, help="Ray GPU request per job")
+    run.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
+    run.add_argument("-q", "--quiet", action="store_true")
+    status = study_sub.add_parser("status", help="done / running / failed / pending")
+    status.add_argument("study_file")
+    status.add_argument("--smoke", action="store_true", help="the --smoke variant's status")
+    status.add_argument("--failed", action="store_true", help="list failed jobs and their reasons")
+
     layers = sub.add_parser("layers", help="list the named layers of an extractor and its report defaults")
     layers.add_argument("extractor", nargs="?", choices=list(EXTRACTORS))
     return parser
@@ -234,6 +261,58 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_stylize(args, DEMO_CONTENT, DEMO_STYLE)
 
 
+def run_study_command(args: argparse.Namespace) -> int:
+    from nstlab.study import RunOptions, Store, load_study, run_study, store_path
+
+    study = load_study(args.study_file, smoke=args.smoke)
+    jobs = study.jobs()
+    if args.study_command == "run":
+        executor = "pool" if args.executor == "local" and args.workers > 1 else args.executor
+        opts = RunOptions(
+            executor=executor,
+            workers=args.workers,
+            address=args.address,
+            device=args.device,
+            cpus_per_job=args.cpus_per_job,
+            gpus_per_job=args.gpus_per_job,
+            retry_failed=args.retry_failed,
+        )
+        if not args.quiet:
+            print(
+                f"study {study.name}: {len(jobs)} jobs ({len(study.pairs)} pairs x {len(study.settings)} "
+                f"settings) in {study.folder}{' [SMOKE: random weights, 64 px]' if study.smoke else ''}",
+                file=sys.stderr,
+            )
+        try:
+            counts = run_study(study, opts, quiet=args.quiet)
+        except KeyboardInterrupt:
+            print("nstlab: interrupted; run the same command again to continue", file=sys.stderr)
+            return 130
+        print(_counts_line(counts))
+        return 0 if counts["failed"] == 0 else 1
+    if not store_path(study).exists():
+        print(_counts_line({"done": 0, "running": 0, "failed": 0, "pending": len(jobs)}))
+        return 0
+    store = Store(store_path(study))
+    try:
+        print(_counts_line(store.counts([j.id for j in jobs])))
+        if args.failed:
+            for row in store.rows([j.id for j in jobs]):
+                if row["status"] == "failed":
+                    print(f"  {row['pair']} · {row['setting']}: {row['error']}")
+    finally:
+        store.close()
+    return 0
+
+
+def _counts_line(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    return (
+        f"{counts['done']}/{total} done, {counts['running']} running, {counts['failed']} failed, "
+        f"{counts['pending']} pending"
+    )
+
+
 def run_layers(args: argparse.Namespace) -> int:
     for name, spec in EXTRACTORS.items():
         if args.extractor in (None, name):
@@ -251,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_stylize(args, args.content, args.style)
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "study":
+            return run_study_command(args)
         return run_layers(args)
     except InputError as exc:
         _fail(2, str(exc))

@@ -39,6 +39,7 @@ __all__ = [
     "CONVENTIONS",
     "JUDGE_CONTENT_LAYERS",
     "JUDGE_STYLE_LAYERS",
+    "LPIPS_MIN_SIDE",
     "LPIPS_NETS",
     "SSIM_WIN_SIZE",
     "TABLE_PSNR",
@@ -78,6 +79,8 @@ JUDGE_CONTENT_LAYERS = ("relu4_2",)
 JUDGE_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 LPIPS_NETS = ("alex", "vgg")
+# Smallest input side each LPIPS trunk accepts (AlexNet's 11x11 stride-4 conv and three 3x3 poolings).
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}
 
 
 # --- inputs --------------------------------------------------------------------------------------------
@@ -364,6 +367,10 @@ def lpips_distance(output: ImageLike, reference: ImageLike, net: str = "alex") -
     if net not in LPIPS_NETS:
         raise choice_error("LPIPS network", net, LPIPS_NETS)
     x, y = _pair(output, reference)
+    if min(x.shape[-2:]) < LPIPS_MIN_SIDE[net]:
+        raise ImageError(
+            f"images are {_size(x)} px; LPIPS ({net}) needs at least {LPIPS_MIN_SIDE[net]} px a side"
+        )
     model = _lpips_model(net)
     with torch.no_grad():
         # LPIPS expects inputs in [-1, 1].

@@ -212,12 +212,22 @@ def build_extractor(
     """Build ``spec``'s extractor with ``weights``: "torchvision", "random", or a path to a state dict."""
     spec.check_layers(layers)
     if weights == "random":
-        # fork_rng: seeding for the random weights must not disturb the caller's RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            model = spec.build()
         info = WeightsInfo("random", True, f"random(seed={RANDOM_WEIGHTS_SEED})")
-        return FeatureExtractor(spec, model, layers, info)
+        # Build on the meta device and initialise only the truncated graph: VGG's classifier alone would
+        # cost ~100M random draws (seconds) for weights that are thrown away.
+        extractor = FeatureExtractor(spec, _meta_copy(spec), layers, info)
+        extractor.body.to_empty(device="cpu")
+        # fork_rng: seeding for the random weights must not disturb the caller's RNG stream.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            for module in extractor.body.modules():
+                if isinstance(module, nn.Conv2d):  # torchvision's own init for VGG and ResNet convs
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.BatchNorm2d):
+                    module.reset_parameters()  # weight 1, bias 0, running mean 0, var 1
+        return extractor
 
     with torch.device("meta"):
         model = spec.build()

@@ -1,0 +1,266 @@
+"""Executors: where a study's groups run. All of them claim work through the store, so runners can be
+started and killed at will, side by side, and a re-run does exactly what is missing.
+
+* ``local`` (default): this process, one group at a time, all cores for each job.
+* ``pool``: ``--workers N`` processes on this machine, each a local runner with cores/N threads.
+* ``ray``: groups become Ray tasks (with CPU/GPU requests) on a local Ray or an existing cluster; the
+  driver claims, submits and persists, so workers need no access to the study folder.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nstlab.errors import ConfigError
+from nstlab.study.runner import GroupTask, compute_group, make_task, persist, sync_store
+from nstlab.study.spec import Job, Study, load_study
+from nstlab.study.store import Store
+
+EXECUTORS = ("local", "pool", "ray")
+HEARTBEAT_S = 30.0
+
+
+@dataclass
+class RunOptions:
+    executor: str = "local"
+    workers: int = 1
+    address: str | None = None  # Ray cluster address; None starts a local Ray
+    device: str = "auto"
+    cpus_per_job: float = 1.0  # Ray resource request
+    gpus_per_job: float = 0.0
+    retry_failed: bool = False
+    max_groups: int | None = None  # stop after this many groups (tests, partial runs)
+
+
+class Progress:
+    """Overall (jobs done / total, ETA) and per-job bars on a terminal; one line per job otherwise."""
+
+    def __init__(self, total: int, done: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        tty = sys.stderr.isatty() and not quiet
+        self.quiet = quiet
+        self.tty = tty
+        self.done, self.total = done, total  # tqdm does not count while disabled
+        self.overall = tqdm(
+            total=total,
+            initial=done,
+            desc="jobs",
+            unit="job",
+            file=sys.stderr,
+            disable=not tty,
+            position=0,
+            dynamic_ncols=True,
+        )
+        self.job = tqdm(
+            total=0,
+            desc="job",
+            unit="it",
+            file=sys.stderr,
+            disable=not tty,
+            position=1,
+            leave=False,
+            dynamic_ncols=True,
+        )
+
+    def start_job(self, label: str, total: int) -> None:
+        self.job.reset(total=total)
+        self.job.set_description(label[:40])
+
+    def step(self, n: int) -> None:
+        self.job.update(n - self.job.n)
+
+    def job_done(self, label: str, status: str, count: int = 1) -> None:
+        self.done += count
+        self.overall.update(count)
+        if not self.tty and not self.quiet:
+            print(f"[{self.done}/{self.total}] {status}: {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.job.close()
+        self.overall.close()
+
+
+def _runnable(jobs: list[Job]) -> list[str]:
+    return [j.id for j in jobs]
+
+
+def _run_local(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar: Progress | None) -> int:
+    by_id = {j.id: j for j in jobs}
+    groups = 0
+    while opts.max_groups is None or groups < opts.max_groups:
+        claim = store.claim_group(_runnable(jobs), retry_failed=opts.retry_failed)
+        if claim is None:
+            break
+        _, ids = claim
+        group_jobs = [by_id[i] for i in ids]
+        task = make_task(study, group_jobs, opts.device)
+        longest = max(j.config.iterations for j in group_jobs)
+        label = f"{group_jobs[0].pair.name} · {group_jobs[-1].setting.label}"
+        last_beat = [time.monotonic()]
+
+        def on_step(p: Any, ids: list[str] = ids, last_beat: list[float] = last_beat) -> None:
+            if bar is not None:
+                bar.step(p.evaluation)
+            if time.monotonic() - last_beat[0] > HEARTBEAT_S:
+                last_beat[0] = time.monotonic()
+                store.heartbeat(ids)
+
+        if bar is not None:
+            bar.start_job(label, longest)
+        try:
+            outcomes = compute_group(task, on_step)
+        except KeyboardInterrupt:
+            store.release(ids)
+            raise
+        for outcome in outcomes:
+            persist(study, store, outcome, task.pair)
+            if bar is not None:
+                job = by_id[outcome.job_id]
+                bar.job_done(
+                    f"{job.pair.name} · {job.setting.label}"
+                    + (f" ({outcome.error})" if outcome.error else ""),
+                    outcome.status,
+                )
+        groups += 1
+    return groups
+
+
+def _pool_worker(study_path: str, smoke: bool, opts: RunOptions, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    study = load_study(study_path, smoke=smoke)
+    store, jobs = sync_store(study)
+    try:
+        _run_local(study, store, jobs, opts, None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+
+
+def _run_pool(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar: Progress | None) -> None:
+    threads = max(1, (os.cpu_count() or 1) // opts.workers)
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    procs = [
+        ctx.Process(target=_pool_worker, args=(str(study.path), study.smoke, opts, threads))
+        for _ in range(opts.workers)
+    ]
+    for p in procs:
+        p.start()
+    ids = _runnable(jobs)
+    seen = store.counts(ids)["done"] + store.counts(ids)["failed"]
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.5)
+            counts = store.counts(ids)
+            finished = counts["done"] + counts["failed"]
+            if bar is not None and finished > seen:
+                bar.job_done(f"{counts['done']} done, {counts['failed']} failed", "progress", finished - seen)
+            seen = finished
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)
+        raise
+    for p in procs:
+        p.join()
+
+
+def _remote_compute(task: GroupTask) -> list[Any]:
+    return compute_group(task)
+
+
+def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar: Progress | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'nstlab[ray]'") from None
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    started_here = not ray.is_initialized()
+    if started_here:
+        if opts.address:
+            ray.init(address=opts.address, log_to_driver=False)
+        else:
+            # A private local Ray on the loopback interface only.
+            ray.init(
+                num_cpus=os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
+    remote = ray.remote(num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job)(_remote_compute)
+    device = opts.device if opts.device != "auto" else ("cuda" if opts.gpus_per_job > 0 else "cpu")
+    by_id = {j.id: j for j in jobs}
+    in_flight: dict[Any, tuple[str, list[str]]] = {}
+    cpus = float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
+    capacity = max(1, int(cpus // max(opts.cpus_per_job, 1e-9)))
+    groups, last_beat = 0, time.monotonic()
+    try:
+        while True:
+            while len(in_flight) < capacity and (opts.max_groups is None or groups < opts.max_groups):
+                claim = store.claim_group(_runnable(jobs), retry_failed=opts.retry_failed)
+                if claim is None:
+                    break
+                _, ids = claim
+                task = make_task(study, [by_id[i] for i in ids], device)
+                in_flight[remote.remote(task)] = (task.pair, ids)
+                groups += 1
+            if not in_flight:
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_S)
+            for ref in ready:
+                pair, ids = in_flight.pop(ref)
+                try:
+                    outcomes = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a task that died (worker lost, OOM-killed)
+                    from nstlab.study.runner import Outcome
+
+                    msg = " ".join(str(exc).split())[:300]
+                    outcomes = [Outcome(i, "failed", error=f"ray task failed: {msg}") for i in ids]
+                for outcome in outcomes:
+                    persist(study, store, outcome, pair)
+                    if bar is not None:
+                        job = by_id[outcome.job_id]
+                        bar.job_done(f"{job.pair.name} · {job.setting.label}", outcome.status)
+            if time.monotonic() - last_beat > HEARTBEAT_S and in_flight:
+                last_beat = time.monotonic()
+                store.heartbeat([i for _, ids in in_flight.values() for i in ids])
+    except KeyboardInterrupt:
+        store.release([i for _, ids in in_flight.values() for i in ids])
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()  # only our own Ray; never `ray stop`, which kills every Ray on the machine
+
+
+def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = False) -> dict[str, int]:
+    """Run what is not done yet; returns the final status counts."""
+    opts = opts or RunOptions()
+    if opts.executor not in EXECUTORS:
+        from nstlab.errors import choice_error
+
+        raise choice_error("executor", opts.executor, EXECUTORS)
+    if opts.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
+    store, jobs = sync_store(study)
+    ids = _runnable(jobs)
+    counts = store.counts(ids)
+    bar = Progress(len(ids), counts["done"] + (0 if opts.retry_failed else counts["failed"]), quiet)
+    try:
+        if opts.executor == "ray":
+            _run_ray(study, store, jobs, opts, bar)
+        elif opts.executor == "pool" or opts.workers > 1:
+            _run_pool(study, store, jobs, opts, bar)
+        else:
+            _run_local(study, store, jobs, opts, bar)
+    finally:
+        bar.close()
+        counts = store.counts(ids)
+        store.close()
+    return counts

@@ -1,0 +1,260 @@
+"""Running a study: claim groups of jobs from the store, compute them, persist the outcomes.
+
+One *group* is the set of jobs that differ only in their iteration count: it runs once, at the largest
+count, recording a snapshot at every requested count (the engine guarantees the image after k evaluations
+of a long run equals a k-evaluation run's result; tests check it). Computation (:func:`compute_group`) is a
+pure function of a serialisable :class:`GroupTask` that returns PNG bytes and records, so the same code runs
+in this process, in a process pool, or as a Ray task on another host; only the driver writes the store and
+the files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nstlab.errors import NstlabError
+from nstlab.images import save_image, write_text_atomic
+from nstlab.study.spec import Job, Study
+from nstlab.study.store import Store
+
+
+@dataclass
+class GroupTask:
+    """Everything a worker needs, as plain data (it may run on another machine)."""
+
+    pair: str
+    content_name: str
+    content_bytes: bytes
+    style_name: str
+    style_bytes: bytes
+    jobs: list[tuple[str, dict[str, Any]]]  # (job id, resolved config dict), same group
+    reference: dict[str, Any]
+    metrics: list[str]
+    judge_weights: str
+    device: str
+
+
+@dataclass
+class Outcome:
+    job_id: str
+    status: str  # done | failed
+    error: str | None = None
+    image_png: bytes | None = None
+    record: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    reference_info: dict[str, Any] | None = None
+    reference_png: bytes | None = None
+    wall_time_s: float | None = None
+    evaluations: int | None = None
+    peak_memory_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_task(study: Study, jobs: Sequence[Job], device: str) -> GroupTask:
+    pair = jobs[0].pair
+    return GroupTask(
+        pair=pair.name,
+        content_name=pair.content.name,
+        content_bytes=pair.content.read_bytes(),
+        style_name=pair.style.name,
+        style_bytes=pair.style.read_bytes(),
+        jobs=[(j.id, j.config.to_dict()) for j in jobs],
+        reference=dict(study.reference),
+        metrics=list(study.metrics),
+        judge_weights="random"
+        if study.smoke
+        else str(study.raw.get("metrics", {}).get("judge_weights", "torchvision")),
+        device=device,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, NstlabError) else text
+
+
+def _png(image: Any) -> bytes:
+    from nstlab.images import to_pil
+
+    buf = io.BytesIO()
+    (image if hasattr(image, "save") else to_pil(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None) -> list[Outcome]:
+    """Stylise once at the group's largest iteration count; score every requested count. Never raises
+    for a job's own failure (NaN, out of memory, bad input): that job's outcome says 'failed' and why."""
+    from PIL import Image
+
+    from nstlab.api import stylize
+    from nstlab.config import StylizeConfig
+    from nstlab.images import load_image
+    from nstlab.metrics import evaluate_pair, make_judge
+    from nstlab.reference import ReferenceOptions, align_to_output, make_reference
+
+    by_iter = sorted(task.jobs, key=lambda j: j[1]["iterations"])
+    longest = StylizeConfig.from_dict({**by_iter[-1][1], "device": task.device})
+    with tempfile.TemporaryDirectory(prefix="nstlab-job-") as tmp:
+        content, style = Path(tmp) / task.content_name, Path(tmp) / task.style_name
+        if content == style:
+            style = Path(tmp) / f"style-{task.style_name}"
+        content.write_bytes(task.content_bytes)
+        style.write_bytes(task.style_bytes)
+        try:
+            result = stylize(
+                content,
+                style,
+                longest,
+                on_step=on_step,
+                snapshot_at=[cfg["iterations"] for _, cfg in by_iter],
+            )
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a job's failure is data, recorded with its reason
+            partial = getattr(exc, "result", None)
+            error = _one_line(exc)
+            return [
+                Outcome(
+                    job_id,
+                    "failed",
+                    error=error,
+                    evaluations=partial.engine.evaluations if partial is not None else None,
+                )
+                for job_id, _ in by_iter
+            ]
+        ref_img, ref_info, ref_png, ref_error = None, None, None, None
+        try:
+            ref_opts = {k: v for k, v in task.reference.items() if k != "maker"}
+            for key in ("adain_weights", "reference_dir"):
+                if ref_opts.get(key):
+                    ref_opts[key] = Path(ref_opts[key])
+            ref = make_reference(
+                content,
+                style,
+                task.reference.get("maker", "auto"),
+                options=ReferenceOptions(**ref_opts),
+                pair_name=task.pair,
+            )
+            ref_img, ref_info, ref_png = ref.image, ref.info, _png(ref.image)
+        except Exception as exc:  # noqa: BLE001
+            ref_error = f"reference: {_one_line(exc)}"
+        judge = None
+        if {"content", "style"} & set(task.metrics) and ref_error is None:
+            try:
+                judge = make_judge(task.judge_weights)
+            except Exception as exc:  # noqa: BLE001
+                ref_error = f"judge: {_one_line(exc)}"
+        outcomes = []
+        error: str | None
+        for job_id, cfg in by_iter:
+            k = cfg["iterations"]
+            image = result.engine.snapshots.get(k, result.image)
+            record = dict(result.record)
+            record["config"] = {**record["config"], "iterations": k}
+            record["trace"] = result.trace[:k]
+            record["final_losses"] = result.trace[k - 1] if len(result.trace) >= k else None
+            record["run"] = {**record["run"], "evaluations": min(k, result.engine.evaluations)}
+            if k != longest.iterations:
+                record["snapshot_of"] = {"iterations": longest.iterations, "job": by_iter[-1][0]}
+            if ref_error is not None or ref_img is None:
+                outcomes.append(
+                    Outcome(
+                        job_id, "failed", error=ref_error, image_png=_png(image), record=record, evaluations=k
+                    )
+                )
+                continue
+            try:
+                out_pil = Image.open(io.BytesIO(_png(image)))
+                aligned = align_to_output(ref_img, out_pil.size)
+                want = set(task.metrics)
+                row = evaluate_pair(
+                    image,
+                    aligned,
+                    content=load_image(content) if "content" in want else None,
+                    style=load_image(style) if "style" in want else None,
+                    judge=judge,
+                    lpips_net="alex" if "lpips" in want else None,
+                )
+                metrics: dict[str, Any] | None = {k2: v for k2, v in row.items() if v is not None}
+                status, error = "done", None
+            except Exception as exc:  # noqa: BLE001
+                metrics, status, error = None, "failed", f"metrics: {_one_line(exc)}"
+            outcomes.append(
+                Outcome(
+                    job_id,
+                    status,
+                    error=error,
+                    image_png=_png(image),
+                    record=record,
+                    metrics=metrics,
+                    reference_info=ref_info,
+                    reference_png=ref_png,
+                    wall_time_s=result.engine.wall_time_s * k / max(result.engine.evaluations, 1),
+                    evaluations=k,
+                    peak_memory_bytes=result.record["run"]["peak_memory_bytes"],
+                )
+            )
+        return outcomes
+
+
+def persist(study: Study, store: Store, outcome: Outcome, pair: str) -> None:
+    """Write an outcome's files (atomically) and its row. Only the driver calls this."""
+    values: dict[str, Any] = {
+        "status": outcome.status,
+        "error": outcome.error,
+        "evaluations": outcome.evaluations,
+        "wall_time_s": outcome.wall_time_s,
+        "peak_memory_bytes": outcome.peak_memory_bytes,
+        "worker": None,
+    }
+    if outcome.image_png is not None:
+        out = study.folder / "images" / pair / f"{outcome.job_id}.png"
+        from PIL import Image
+
+        save_image(Image.open(io.BytesIO(outcome.image_png)), out)
+        values["output"] = str(out.relative_to(study.folder))
+        if outcome.record is not None:
+            rec = out.with_suffix(".json")
+            write_text_atomic(rec, json.dumps({**outcome.record, "output": str(out)}, indent=1) + "\n")
+            values["record"] = str(rec.relative_to(study.folder))
+    if outcome.reference_png is not None and outcome.reference_info is not None:
+        ref = study.folder / "references" / f"{pair}.png"
+        if not ref.exists():
+            from PIL import Image
+
+            save_image(Image.open(io.BytesIO(outcome.reference_png)), ref)
+            write_text_atomic(ref.with_suffix(".json"), json.dumps(outcome.reference_info, indent=1) + "\n")
+        values["reference"] = {
+            "path": str(ref.relative_to(study.folder)),
+            "maker": outcome.reference_info.get("maker"),
+            "label": outcome.reference_info.get("label"),
+        }
+    if outcome.metrics is not None:
+        values["metrics"] = outcome.metrics
+    store.finish(outcome.job_id, **values)
+
+
+def store_path(study: Study) -> Path:
+    return study.folder / "study.sqlite"
+
+
+def sync_store(study: Study) -> tuple[Store, list[Job]]:
+    store = Store(store_path(study))
+    jobs = study.jobs()
+    store.sync(
+        jobs,
+        {
+            "name": study.name,
+            "study_file": str(study.path),
+            "smoke": study.smoke,
+            "axes": list(study.axes),
+            "study": study.raw,
+        },
+    )
+    return store, jobs

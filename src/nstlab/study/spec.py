@@ -1,0 +1,295 @@
+"""Study files (TOML) and grid expansion: which (pair x setting) jobs a study consists of.
+
+A study file::
+
+    name = "optimizers"
+    pairs = "../../shared/data/pairs.csv"       # relative to this file; or a list of {name, content, style}
+    [base]                                      # StylizeConfig fields shared by every job
+    size = 512
+    [axes]                                      # each axis: a list of values for one config field...
+    optimizer = ["lbfgs", { optimizer = "adam", lr = [0.001, 0.01, 0.1] }]
+    [reference]                                 # pseudo ground truth maker and options
+    maker = "auto"
+    [metrics]
+    names = ["rmse", "psnr", "ssim"]
+
+An axis value is either a plain value for the axis's field, or a table of fields set together; a list inside
+such a table expands into one setting per element (the optimiser with its own lr list). Several axes form
+their cartesian product.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from nstlab.config import StylizeConfig
+from nstlab.errors import ConfigError, InputError, choice_error
+from nstlab.images import file_sha256
+
+# Bump when a change to the engine changes what a config computes: old results then stop matching.
+ALGORITHM_VERSION = 1
+TOP_KEYS = ("name", "description", "pairs", "pair_names", "base", "axes", "reference", "metrics", "output")
+REFERENCE_KEYS = ("maker", "alpha", "content_size", "style_size", "adain_weights", "reference_dir")
+METRIC_NAMES = ("mse", "rmse", "psnr", "ssim", "content", "style", "lpips")
+DEFAULT_METRICS = ("rmse", "psnr", "ssim")
+# Fields that never change what a job computes (where it runs is recorded, not hashed).
+NOT_IN_IDENTITY = ("device",)
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    content: Path
+    style: Path
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the swept axes: a label and the config fields it sets."""
+
+    label: str
+    values: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    pair: Pair
+    setting: Setting
+    config: StylizeConfig  # resolved
+
+    @property
+    def group(self) -> str:
+        """Jobs with the same group differ only in their iteration count: one run serves them all."""
+        return identity(self.config.replace(iterations=1), self.pair, with_iterations=False)
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    folder: Path
+    pairs: tuple[Pair, ...]
+    base: Mapping[str, Any]
+    settings: tuple[Setting, ...]
+    reference: Mapping[str, Any]
+    metrics: tuple[str, ...]
+    axes: tuple[str, ...] = ()
+    smoke: bool = False
+    description: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def jobs(self) -> list[Job]:
+        out: list[Job] = []
+        for pair in self.pairs:
+            for setting in self.settings:
+                cfg = _make_config(self.base, setting)
+                out.append(Job(identity(cfg, pair), pair, setting, cfg))
+        return out
+
+
+def identity(cfg: StylizeConfig, pair: Pair, *, with_iterations: bool = True) -> str:
+    """A stable id: hash of the resolved config and the *content* of the two input files (not their paths)."""
+    data = {k: v for k, v in cfg.resolved().to_dict().items() if k not in NOT_IN_IDENTITY}
+    if not with_iterations:
+        data.pop("iterations")
+    payload = {
+        "algorithm": ALGORITHM_VERSION,
+        "config": data,
+        "content": _sha(pair.content),
+        "style": _sha(pair.style),
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_SHA_CACHE: dict[Path, str] = {}
+
+
+def _sha(path: Path) -> str:
+    if path not in _SHA_CACHE:
+        _SHA_CACHE[path] = file_sha256(path)
+    return _SHA_CACHE[path]
+
+
+def _make_config(base: Mapping[str, Any], setting: Setting) -> StylizeConfig:
+    return StylizeConfig.from_dict({**base, **setting.values}).resolved()
+
+
+def _did_you_mean(what: str, key: str, valid: Sequence[str]) -> ConfigError:
+    close = get_close_matches(key, list(valid), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{what}: unknown key {key!r}; valid keys: {', '.join(valid)}.{hint}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "+".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def expand_axis(name: str, values: Any, where: str) -> list[Setting]:
+    """One axis -> its settings. A table value sets several fields; lists inside a table expand."""
+    fields = [f.name for f in dataclasses.fields(StylizeConfig)]
+    if name not in fields:
+        raise _did_you_mean(f"{where} [axes]", name, fields)
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where} [axes].{name} must be a non-empty list of values")
+    settings: list[Setting] = []
+    for value in values:
+        if isinstance(value, dict):
+            for key in value:
+                if key not in fields:
+                    raise _did_you_mean(f"{where} [axes].{name} entry", key, fields)
+            keys = list(value)
+            # Lists inside a table expand (lr = [...]), except for fields whose value is itself a list.
+            choices = [
+                value[k] if isinstance(value[k], list) and k not in _LIST_FIELDS else [value[k]] for k in keys
+            ]
+            for combo in itertools.product(*choices):
+                values_ = dict(zip(keys, combo, strict=True))
+                head = _fmt(values_.get(name, "")) if name in values_ else ""
+                rest = " ".join(f"{k}={_fmt(v)}" for k, v in values_.items() if k != name)
+                settings.append(Setting(" ".join(p for p in (head, rest) if p), values_))
+        else:
+            settings.append(Setting(_fmt(value), {name: value}))
+    labels = [s.label for s in settings]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{where} [axes].{name} has duplicate settings: {', '.join(labels)}")
+    return settings
+
+
+_LIST_FIELDS = ("losses", "content_layers", "style_layers", "style_layer_weights")
+
+
+def read_pairs(source: Any, base_dir: Path, where: str) -> list[Pair]:
+    rows: list[dict[str, str]]
+    root = base_dir
+    if isinstance(source, str):
+        csv_path = (base_dir / source).resolve()
+        if not csv_path.is_file():
+            raise InputError(f"{where}: pairs file {csv_path} does not exist")
+        with open(csv_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        root = csv_path.parent
+        if rows and not {"pair", "content", "style"} <= set(rows[0]):
+            raise ConfigError(f"{csv_path} must have the columns pair,content,style")
+        rows = [{"name": r["pair"], "content": r["content"], "style": r["style"]} for r in rows]
+    elif isinstance(source, list):
+        rows = source
+    else:
+        raise ConfigError(f"{where}: pairs must be a CSV path or a list of {{name, content, style}} tables")
+    pairs: list[Pair] = []
+    for row in rows:
+        if not isinstance(row, dict) or not {"name", "content", "style"} <= set(row):
+            raise ConfigError(f"{where}: each pair needs name, content and style, got {row!r}")
+        pair = Pair(str(row["name"]), (root / row["content"]).resolve(), (root / row["style"]).resolve())
+        for p in (pair.content, pair.style):
+            if not p.is_file():
+                raise InputError(f"{where}: {pair.name}: image {p} does not exist")
+        pairs.append(pair)
+    if not pairs:
+        raise ConfigError(f"{where}: no pairs")
+    names = [p.name for p in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: duplicate pair names")
+    return pairs
+
+
+# --smoke: any study shrunk to seconds, for tests and demos (never mixed with real results: own folder).
+SMOKE_BASE = {"size": 64, "weights": "random"}
+SMOKE_ITERATION_SCALE = 200  # 1000/1500/2000 -> 5/7/10 evaluations
+
+
+def _smoke_iterations(n: int) -> int:
+    return max(2, round(n / SMOKE_ITERATION_SCALE))
+
+
+def load_study(path: str | Path, *, smoke: bool = False) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"study file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    where = str(path)
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise _did_you_mean(where, key, TOP_KEYS)
+    if "pairs" not in raw:
+        raise ConfigError(f"{where}: 'pairs' is required (a pairs.csv path or a list of tables)")
+    name = str(raw.get("name", path.stem))
+    pairs = read_pairs(raw["pairs"], path.parent, where)
+    if "pair_names" in raw:
+        wanted = list(raw["pair_names"])
+        known = {p.name: p for p in pairs}
+        for n in wanted:
+            if n not in known:
+                raise choice_error(f"pair in {where} pair_names", n, list(known))
+        pairs = [known[n] for n in wanted]
+    base = dict(raw.get("base", {}))
+    fields = [f.name for f in dataclasses.fields(StylizeConfig)]
+    for key in base:
+        if key not in fields:
+            raise _did_you_mean(f"{where} [base]", key, fields)
+    axes_raw = raw.get("axes", {})
+    if not isinstance(axes_raw, dict):
+        raise ConfigError(f"{where}: [axes] must be a table of field = [values]")
+    per_axis = [expand_axis(k, v, where) for k, v in axes_raw.items()] or [[Setting("base", {})]]
+    settings = [
+        Setting(" / ".join(s.label for s in combo), {k: v for s in combo for k, v in s.values.items()})
+        for combo in itertools.product(*per_axis)
+    ]
+    if smoke:
+        base = {**base, **SMOKE_BASE, "iterations": _smoke_iterations(int(base.get("iterations", 1000)))}
+        settings = [
+            Setting(s.label, {**s.values, "iterations": _smoke_iterations(int(s.values["iterations"]))})
+            if "iterations" in s.values
+            else s
+            for s in settings
+        ]
+    reference = dict(raw.get("reference", {"maker": "auto"}))
+    for key in reference:
+        if key not in REFERENCE_KEYS:
+            raise _did_you_mean(f"{where} [reference]", key, REFERENCE_KEYS)
+    if smoke:
+        reference["maker"] = (
+            "magenta" if reference.get("maker", "auto") in ("auto", "adain") else reference["maker"]
+        )
+    metrics_raw = raw.get("metrics", {})
+    metrics = tuple(metrics_raw.get("names", DEFAULT_METRICS)) if isinstance(metrics_raw, dict) else ()
+    for m in metrics:
+        if m not in METRIC_NAMES:
+            raise choice_error(f"metric in {where} [metrics].names", m, METRIC_NAMES)
+    folder = (path.parent / str(raw.get("output", path.stem))).resolve()
+    if smoke:
+        folder = folder / "smoke"
+    study = Study(
+        name=name,
+        path=path.resolve(),
+        folder=folder,
+        pairs=tuple(pairs),
+        base=base,
+        settings=tuple(settings),
+        reference=reference,
+        metrics=metrics,
+        axes=tuple(axes_raw),
+        smoke=smoke,
+        description=str(raw.get("description", "")),
+        raw=raw,
+    )
+    study.jobs()  # validate every config now, not halfway through a long run
+    return study
