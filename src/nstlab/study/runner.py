@@ -118,12 +118,12 @@ def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None)
             raise
         except Exception as exc:  # noqa: BLE001 - a job's failure is data, recorded with its reason
             partial = getattr(exc, "result", None)
-            error = _one_line(exc)
+            reason = _one_line(exc)
             return [
                 Outcome(
                     job_id,
                     "failed",
-                    error=error,
+                    error=reason,
                     evaluations=partial.engine.evaluations if partial is not None else None,
                 )
                 for job_id, _ in by_iter
@@ -151,7 +151,6 @@ def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None)
             except Exception as exc:  # noqa: BLE001
                 ref_error = f"judge: {_one_line(exc)}"
         outcomes = []
-        error: str | None
         for job_id, cfg in by_iter:
             k = cfg["iterations"]
             image = result.engine.snapshots.get(k, result.image)
