@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,12 @@ from PIL import Image
 from nstlab.config import StylizeConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Hermetic caches: references and AdaIN weights go to a fresh folder (inherited by subprocesses),
+    # never to the user's ~/.cache/nstlab.
+    os.environ["NSTLAB_CACHE"] = tempfile.mkdtemp(prefix="nstlab-test-cache-")
 
 
 def tiny_config(**changes: object) -> StylizeConfig:

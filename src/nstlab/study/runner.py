@@ -210,7 +210,6 @@ def persist(study: Study, store: Store, outcome: Outcome, pair: str) -> None:
         "evaluations": outcome.evaluations,
         "wall_time_s": outcome.wall_time_s,
         "peak_memory_bytes": outcome.peak_memory_bytes,
-        "worker": None,
     }
     if outcome.image_png is not None:
         out = study.folder / "images" / pair / f"{outcome.job_id}.png"

@@ -113,13 +113,16 @@ def identity(cfg: StylizeConfig, pair: Pair, *, with_iterations: bool = True) ->
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_SHA_CACHE: dict[Path, str] = {}
+_SHA_CACHE: dict[tuple[Path, int, int], str] = {}
 
 
 def _sha(path: Path) -> str:
-    if path not in _SHA_CACHE:
-        _SHA_CACHE[path] = file_sha256(path)
-    return _SHA_CACHE[path]
+    # Hash each input once per process, but notice a file that changed since (mtime or size).
+    st = path.stat()
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]
 
 
 def _make_config(base: Mapping[str, Any], setting: Setting) -> StylizeConfig:

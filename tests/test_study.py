@@ -1,0 +1,316 @@
+"""Studies: grid expansion, job identity, the SQLite store under kills and concurrency, executors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tests.conftest import write_pair
+
+import nstlab
+from nstlab.errors import ConfigError, InputError
+from nstlab.images import to_pil
+from nstlab.study import RunOptions, Store, identity, load_study, run_study, store_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_study(folder: Path, axes: str, *, pairs: int = 2, base: str = "", name: str = "s") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(pairs):
+        sub = folder / f"in{i}"
+        sub.mkdir(exist_ok=True)
+        c, s = write_pair(sub)
+        if i:  # make the pairs differ in content
+            Image.open(c).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(c)
+        entries.append(f'{{ name = "p{i}", content = "{c}", style = "{s}" }}')
+    text = (
+        f'name = "{name}"\npairs = [{", ".join(entries)}]\n[base]\ndevice = "cpu"\n{base}\n[axes]\n{axes}\n'
+    )
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+# --- grid expansion and validation ----------------------------------------------------------------------
+
+
+def test_grid_expansion_with_optimizer_lr_lists(tmp_path: Path) -> None:
+    path = write_study(
+        tmp_path, 'optimizer = ["lbfgs", { optimizer = "adam", lr = [0.01, 0.1] }]\niterations = [1000, 2000]'
+    )
+    study = load_study(path)
+    labels = [s.label for s in study.settings]
+    assert labels == [
+        "lbfgs / 1000",
+        "lbfgs / 2000",
+        "adam lr=0.01 / 1000",
+        "adam lr=0.01 / 2000",
+        "adam lr=0.1 / 1000",
+        "adam lr=0.1 / 2000",
+    ]
+    jobs = study.jobs()
+    assert len(jobs) == 12 and len({j.id for j in jobs}) == 12
+    adam = [j for j in jobs if j.setting.label == "adam lr=0.1 / 2000"][0]
+    assert (adam.config.optimizer, adam.config.lr, adam.config.iterations) == ("adam", 0.1, 2000)
+    # Jobs differing only in iterations share a group (one run with snapshots).
+    assert len({j.group for j in jobs}) == 6
+
+
+def test_list_valued_fields_are_single_settings(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path, 'losses = [["content", "style"], ["content", "style", "tv"]]'))
+    assert [s.label for s in study.settings] == ["content+style", "content+style+tv"]
+
+
+@pytest.mark.parametrize(
+    ("axes", "pattern"),
+    [
+        ('optimiser = ["adam"]', "unknown key 'optimiser'.*Did you mean 'optimizer'"),
+        ('optimizer = ["adma"]', "unknown optimizer 'adma'.*Did you mean 'adam'"),
+        ('optimizer = [{ optimizer = "adam", lrr = [0.1] }]', "unknown key 'lrr'.*Did you mean 'lr'"),
+        ("iterations = []", "non-empty list"),
+        ('extractor = ["vgg16", "vgg16"]', "duplicate settings"),
+        ("size = [0]", "size must be an integer >= 1"),
+    ],
+)
+def test_validation_errors_name_the_field(tmp_path: Path, axes: str, pattern: str) -> None:
+    path = write_study(tmp_path, axes)
+    with pytest.raises(ConfigError, match=pattern):
+        load_study(path)
+
+
+def test_bad_study_files(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        load_study(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("pairs = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_study(bad)
+    bad.write_text('pair = "x.csv"\n')
+    with pytest.raises(ConfigError, match="Did you mean 'pairs'"):
+        load_study(bad)
+    bad.write_text('pairs = [{ name = "a", content = "missing.png", style = "missing.png" }]\n')
+    with pytest.raises(InputError, match="missing.png does not exist"):
+        load_study(bad)
+
+
+def test_shipped_studies_reproduce_the_report(shared_data: Path) -> None:
+    studies = {p.stem: load_study(p) for p in (ROOT / "studies").glob("*.toml")}
+    assert set(studies) == {"optimizers", "lr_search", "iterations", "extractors", "losses", "init"}
+    for study in studies.values():
+        for job in study.jobs():
+            assert job.config.size == 512
+            assert job.config.iterations in (1000, 1500, 2000)
+    assert [s.label for s in studies["optimizers"].settings] == ["lbfgs", "adam lr=0.1", "adamw lr=0.01"]
+    assert len(studies["optimizers"].pairs) == 8
+    assert [p.name for p in studies["lr_search"].pairs] == ["pair-2"]
+    assert [j.config.iterations for j in studies["iterations"].jobs()][:3] == [1000, 1500, 2000]
+    smoke = load_study(ROOT / "studies" / "iterations.toml", smoke=True)
+    assert smoke.folder.name == "smoke" and all(j.config.weights == "random" for j in smoke.jobs())
+    assert [j.config.iterations for j in smoke.jobs()][:3] == [5, 8, 10]
+
+
+# --- identity --------------------------------------------------------------------------------------------
+
+
+def test_identity_is_stable_and_content_addressed(tmp_path: Path) -> None:
+    path = write_study(tmp_path / "a", 'optimizer = ["lbfgs", "adam"]')
+    ids = [j.id for j in load_study(path).jobs()]
+    assert ids == [j.id for j in load_study(path).jobs()]  # stable across loads
+    job = load_study(path).jobs()[0]
+    # Same bytes elsewhere: same identity. Device does not count; any computed field does.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    pair = type(job.pair)(
+        "other-name",
+        Path(shutil.copy(job.pair.content, moved / "c.png")),
+        Path(shutil.copy(job.pair.style, moved / "s.png")),
+    )
+    assert identity(job.config, pair) == job.id
+    assert identity(job.config.replace(device="cuda"), job.pair) == job.id
+    assert identity(job.config.replace(seed=1), job.pair) != job.id
+    assert identity(job.config.replace(tv_weight=5.0), job.pair) != job.id
+    Image.open(pair.content).rotate(90).save(pair.content)
+    os.utime(pair.content, ns=(1, 1))  # a different mtime even on coarse-timestamp file systems
+    assert identity(job.config, pair) != job.id
+
+
+# --- running -----------------------------------------------------------------------------------------------
+
+
+def test_run_resume_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]')
+    study = load_study(path, smoke=True)
+    counts = run_study(study, RunOptions(max_groups=1, device="cpu"), quiet=True)
+    assert counts == {"pending": 3, "running": 0, "done": 1, "failed": 0}
+    counts = run_study(study, RunOptions(device="cpu"), quiet=True)
+    assert counts["done"] == 4
+    store = Store(store_path(study))
+    rows = store.rows()
+    assert all(r["attempts"] == 1 for r in rows)  # nothing ran twice
+    for r in rows:
+        assert set(r["metrics"]) >= {"rmse", "psnr", "ssim", "mse"}
+        assert (study.folder / r["output"]).is_file() and (study.folder / r["record"]).is_file()
+        assert r["reference"]["maker"] == "magenta"
+    assert store.integrity() == "ok"
+    store.close()
+    # A third run has nothing to do.
+    assert run_study(study, RunOptions(device="cpu"), quiet=True)["done"] == 4
+    from nstlab.cli import main
+
+    assert main(["study", "status", str(path), "--smoke"]) == 0
+    assert "4/4 done, 0 running, 0 failed, 0 pending" in capsys.readouterr().out
+
+
+def test_failing_job_is_recorded_and_the_rest_complete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_study(tmp_path, "style_weight = [1e6, 1e300]")
+    from nstlab.cli import main
+
+    code = main(["study", "run", str(path), "--smoke", "--quiet", "--device", "cpu"])
+    assert code == 1  # some jobs failed
+    study = load_study(path, smoke=True)
+    store = Store(store_path(study))
+    rows = {(r["pair"], r["setting"]): r for r in store.rows()}
+    store.close()
+    assert rows[("p0", "1e+06")]["status"] == rows[("p1", "1e+06")]["status"] == "done"
+    failed = rows[("p0", "1e+300")]
+    assert failed["status"] == "failed" and "non-finite at iteration 1" in failed["error"]
+    main(["study", "status", str(path), "--smoke", "--failed"])
+    assert "non-finite" in capsys.readouterr().out
+
+
+def test_iteration_sweep_snapshots_equal_separate_runs(tmp_path: Path) -> None:
+    path = write_study(tmp_path, "iterations = [1000, 2000]", pairs=1)  # smoke: 5 and 10 evaluations
+    study = load_study(path, smoke=True)
+    run_study(study, RunOptions(device="cpu"), quiet=True)
+    store = Store(store_path(study))
+    rows = store.rows()
+    store.close()
+    assert {r["evaluations"] for r in rows} == {5, 10}
+    for row in rows:
+        job = next(j for j in study.jobs() if j.id == row["id"])
+        direct = nstlab.stylize(job.pair.content, job.pair.style, job.config)
+        with Image.open(study.folder / row["output"]) as saved:
+            assert np.array_equal(np.asarray(saved), np.asarray(to_pil(direct.image)))
+
+
+def _spawn_run(path: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nstlab.cli",
+            "study",
+            "run",
+            str(path),
+            "--smoke",
+            "--quiet",
+            "--device",
+            "cpu",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_resume_after_sigkill(tmp_path: Path) -> None:
+    # Long enough jobs (150 evaluations at 64 px) that the kill lands mid-job.
+    path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]', base="iterations = 30000")
+    study = load_study(path, smoke=True)
+    assert {j.config.iterations for j in study.jobs()} == {150}
+    proc = _spawn_run(path)
+    db = store_path(study)
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline and proc.poll() is None, "first job never finished"
+        if db.exists():
+            with sqlite3.connect(db, timeout=30) as con:
+                done = con.execute("SELECT COUNT(*) FROM jobs WHERE status='done'").fetchone()[0]
+                running = con.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0]
+            if done >= 1 and running == 1:
+                break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = Store(db)
+    assert store.integrity() == "ok"
+    before = {r["id"]: r for r in store.rows()}
+    store.close()
+    finished_before = {i: r["finished"] for i, r in before.items() if r["status"] == "done"}
+    killed = [i for i, r in before.items() if r["status"] == "running"]
+    assert len(killed) == 1
+    proc = _spawn_run(path)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    store = Store(db)
+    after = {r["id"]: r for r in store.rows()}
+    assert store.integrity() == "ok"
+    store.close()
+    assert all(r["status"] == "done" for r in after.values())
+    for i, finished in finished_before.items():  # done jobs were not redone
+        assert after[i]["finished"] == finished and after[i]["attempts"] == 1
+    assert after[killed[0]]["attempts"] == 2  # the killed job ran again, once
+
+
+def test_two_concurrent_runners_split_the_work(tmp_path: Path) -> None:
+    path = write_study(
+        tmp_path, "seed = [0, 1, 2, 3]", base="iterations = 8000", pairs=2
+    )  # 8 jobs x 40 evals
+    procs = [_spawn_run(path), _spawn_run(path)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode() if p.stderr else ""
+    study = load_study(path, smoke=True)
+    store = Store(store_path(study))
+    rows = store.rows()
+    assert store.integrity() == "ok"
+    store.close()
+    assert len(rows) == 8 and all(r["status"] == "done" and r["attempts"] == 1 for r in rows)
+    workers = {r["worker"] for r in rows}
+    assert len(workers) == 2, workers  # both runners did part of the work, no job twice
+
+
+def test_pool_executor(tmp_path: Path) -> None:
+    path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]')
+    study = load_study(path, smoke=True)
+    counts = run_study(study, RunOptions(executor="pool", workers=2, device="cpu"), quiet=True)
+    assert counts["done"] == 4
+    store = Store(store_path(study))
+    assert all(r["attempts"] == 1 for r in store.rows())
+    store.close()
+
+
+def test_ray_executor_runs_a_smoke_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]')
+    study = load_study(path, smoke=True)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "src")}},
+    )
+    try:
+        counts = run_study(study, RunOptions(executor="ray", device="cpu"), quiet=True)
+    finally:
+        ray.shutdown()  # only our own cluster
+    assert counts["done"] == 4
+    store = Store(store_path(study))
+    rows = store.rows()
+    store.close()
+    assert all(r["attempts"] == 1 and r["metrics"]["ssim"] <= 1 for r in rows)
