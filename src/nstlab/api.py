@@ -227,6 +227,7 @@ def stylize(
             "run": {
                 "started": started.isoformat(timespec="seconds"),
                 "stop_reason": res.stop_reason,
+                "precision": res.precision,
                 "evaluations": res.evaluations,
                 "optimizer_steps": res.steps,
                 "wall_time_s": round(res.wall_time_s, 4),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from nstlab.config import INITS, LOSS_TERMS, OPTIMIZERS, StylizeConfig
+from nstlab.config import INITS, LOSS_TERMS, OPTIMIZERS, PRECISIONS, StylizeConfig
 from nstlab.errors import ConfigError, InputError, NonFiniteLossError, NstlabError, StylizeInterrupted
 from nstlab.features import EXTRACTORS
 
@@ -75,6 +75,11 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=int, help="long side of the content image in px (default: %(default)s)")
     g.add_argument("--seed", type=int, help="(default: %(default)s)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="extractor precision; Grams, losses and the image stay fp32 (default: %(default)s = fp32)",
+    )
     p.set_defaults(**{f.name: _default(f.name) for f in dataclasses.fields(StylizeConfig)})
 
 
@@ -133,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("study_file")
     status.add_argument("--smoke", action="store_true", help="the --smoke variant's status")
     status.add_argument("--failed", action="store_true", help="list failed jobs and their reasons")
+
+    from nstlab import cli_eval
+
+    cli_eval.add_parsers(sub)
+    from nstlab import cli_report
+
+    cli_report.add_parser(sub)
 
     layers = sub.add_parser("layers", help="list the named layers of an extractor and its report defaults")
     layers.add_argument("extractor", nargs="?", choices=list(EXTRACTORS))
@@ -332,6 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "study":
             return run_study_command(args)
+        if args.command == "report":
+            from nstlab import cli_report
+
+            return cli_report.run(args)
+        if args.command in ("reference", "evaluate"):
+            from nstlab import cli_eval
+
+            return cli_eval.run(args)
         return run_layers(args)
     except InputError as exc:
         _fail(2, str(exc))

@@ -22,6 +22,9 @@ OPTIMIZERS = ("lbfgs", "adam", "adamw")
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.1, "adamw": 0.01}
 INITS = ("content", "noise", "style")
 LOSS_TERMS = ("content", "style", "tv")
+# Precision of the extractor's convolutions (autocast); Gram matrices, losses, the image and the optimiser
+# state always stay fp32. "auto" means fp32 until a parity benchmark shows bf16 equivalent (see engine).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # lambda_tv is not given by the report (it only says TV was added). 1e2 on our TV definition (mean of squared
 # neighbour differences, see losses.tv_loss) makes TV a light smoothness prior next to lambda_style = 1e6
 # with size-normalised Gram matrices; it is a documented choice, overridable with --tv-weight.
@@ -50,6 +53,7 @@ class StylizeConfig:
     )
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16": the extractor's compute precision
 
     def __post_init__(self) -> None:
         spec = get_spec(self.extractor)
@@ -87,6 +91,8 @@ class StylizeConfig:
         _check_int("seed", self.seed, 0)
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError("weights must be 'torchvision', 'random' or a path to a state dict file")
+        if self.precision not in PRECISIONS:
+            raise choice_error("precision", self.precision, PRECISIONS)
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise choice_error("device", self.device, ["auto", "cpu", "cuda", "cuda:N", "mps"])
 

@@ -35,6 +35,18 @@ from nstlab.errors import NonFiniteLossError, StylizeInterrupted
 from nstlab.features import FeatureExtractor
 from nstlab.optim import make_optimizer, optimizer_settings
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision that runs. ``auto`` is fp32: bf16 autocast is much faster on CPUs with AMX and on
+    recent GPUs, but ``auto`` may only pick it once a parity benchmark on the shared pairs shows the result
+    equivalent (benchmarks/precision_parity.py; criterion in benchmarks/README.md). Until then, opt in with
+    ``precision="bf16"``."""
+    del device  # the rule does not depend on the device yet; kept so a measured rule can use it
+    return "fp32" if precision == "auto" else precision
+
+
 # mu above. Large enough that a pixel pushed out of [0, 1] is pulled back within a few steps, small enough
 # that the objective stays well conditioned near the box boundary.
 RANGE_WEIGHT = 1e3
@@ -61,6 +73,7 @@ class EngineResult:
     stop_reason: str  # "budget" | "converged" | "nonfinite" | "interrupted"
     wall_time_s: float
     optimizer: dict[str, Any]
+    precision: str = "fp32"
     snapshots: dict[int, Tensor] = field(default_factory=dict)
 
 
@@ -81,6 +94,8 @@ class Objective:
         self, extractor: FeatureExtractor, content: Tensor, style: Tensor, cfg: StylizeConfig
     ) -> None:
         cfg = cfg.resolved()
+        self.precision = resolve_precision(cfg.precision, content.device)
+        self.autocast_dtype = _DTYPES.get(self.precision)
         assert cfg.content_layers is not None and cfg.style_layers is not None
         assert cfg.style_layer_weights is not None
         self.extractor = extractor
@@ -91,17 +106,27 @@ class Objective:
         if "style" not in self.use:
             self.style_weights = {}
         with torch.no_grad():
-            content_feats = extractor(content) if self.content_layers else {}
-            style_feats = extractor(style) if self.style_weights else {}
-            # clone(): targets must be ordinary tensors, detached from anything that could be reused.
-            self.content_targets = {k: content_feats[k].detach().clone() for k in self.content_layers}
+            content_feats = self.features(content) if self.content_layers else {}
+            style_feats = self.features(style) if self.style_weights else {}
+            # clone(): targets must be ordinary fp32 tensors, detached from anything that could be reused.
+            self.content_targets = {k: content_feats[k].detach().float().clone() for k in self.content_layers}
             self.style_targets = {k: losses.gram_matrix(style_feats[k]).clone() for k in self.style_weights}
+
+    def features(self, x: Tensor) -> dict[str, Tensor]:
+        """Extractor activations, under autocast when a reduced precision is selected (convolutions only:
+        gram_matrix and the losses upcast to fp32)."""
+        if self.autocast_dtype is None:
+            feats: dict[str, Tensor] = self.extractor(x)
+            return feats
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            feats = self.extractor(x)
+        return feats
 
     def terms(self, param: Tensor) -> dict[str, Tensor]:
         x = param.clamp(0.0, 1.0)
         out: dict[str, Tensor] = {}
         if self.content_layers or self.style_weights:
-            feats = self.extractor(x)
+            feats = self.features(x)
         if self.content_layers:
             c = sum(
                 (losses.content_loss(feats[k], self.content_targets[k]) for k in self.content_layers),
@@ -203,6 +228,7 @@ def optimize(
             reason,
             time.perf_counter() - start,
             optimizer_settings(opt),
+            objective.precision,
             snapshots,
         )
 
