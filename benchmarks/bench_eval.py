@@ -26,7 +26,7 @@ FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one evaluation (forward
 convolutions and matrix products, not element-wise work). Achieved fraction = FLOPs / (seconds per
 evaluation) / (fp32 ``torch.mm`` GFLOP/s measured on 2048 x 2048 matrices right before and after that
 configuration). Peak memory: the RSS high-water mark (VmHWM) of a fresh subprocess per configuration and
-method, from "ready to evaluate" through a warm-up and two evaluations; "+MiB" is the growth over the RSS
+method, from "ready to evaluate" through a warm-up and one more evaluation; "+MiB" is the growth over the RSS
 just before (network, targets and the Python/torch runtime are in the absolute number).
 """
 
@@ -141,7 +141,7 @@ def probe_memory(variant: str, name: str, size: int, data: Path, pair: str) -> d
     before = C.rss_bytes()
     if not C.reset_peak_rss():
         return {"error": 1.0}
-    for _ in range(3):  # warm-up + 2 evaluations
+    for _ in range(2):  # warm-up + 1 evaluation (the steady state: later ones peak no higher)
         fn()
     return {"peak_rss_mib": C.mib(C.peak_rss_bytes()), "growth_mib": C.mib(C.peak_rss_bytes() - before)}
 
@@ -160,6 +160,8 @@ def memory_in_subprocess(variant: str, name: str, size: int, args: argparse.Name
         str(args.data),
         "--pair",
         args.pair,
+        "--threads",
+        str(torch.get_num_threads()),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
@@ -224,6 +226,7 @@ def bench_config(name: str, size: int, args: argparse.Namespace) -> dict[str, An
         "extractor": name,
         "size": size,
         "image_hw": list(content.shape[-2:]),
+        "nstlab_precision": getattr(getattr(objs.get("nstlab"), "objective", None), "precision", "fp32"),
         "style_hw": list(style.shape[-2:]),
         "repeats": repeats,
         "mm_gflops": peak,
@@ -328,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="baseline,nstlab", help=f"any of {','.join(VARIANTS)}, or 'all'")
     p.add_argument("--quick", action="store_true", help="256 px, 3 repeats, 3-evaluation runs, 1 round")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--pair", default="pair-1")
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--json", default=None, help="also write all numbers to this file")
@@ -341,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.probe_memory:
         print(
             "PROBE "
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         sizes, args.repeats = [256], args.repeats or 3
-        args.engine_iters = 3 if args.engine_iters is None else args.engine_iters
+        args.engine_iters = 2 if args.engine_iters is None else args.engine_iters
         args.engine_rounds = 1
 
     info = C.machine_info()

@@ -122,6 +122,9 @@ def test_every_option(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.Ca
         "size": 64,
         "seed": 3,
         "device": "cpu",
+        "precision": "auto",
+        "scales": [1.0],
+        "scale_iterations": [],
     }
 
 
@@ -326,3 +329,43 @@ def test_progress_bar_on_a_terminal_only(pair: tuple[Path, Path], tmp_path: Path
     text = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0
     assert "4/4" in text and "total=" in text
+
+
+def test_estimate_prints_and_writes_nothing(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o.png"
+    code, stdout, err = run_cli(
+        ["stylize", str(pair[0]), str(pair[1]), "-o", str(out), *TINY, "--estimate"], capsys
+    )
+    assert code == 0, err
+    assert stdout.startswith("estimate: peak memory") and "s per iteration" in stdout
+    assert not out.exists()
+
+
+def test_preset_fills_unset_options(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o.png"
+    args = [
+        "stylize",
+        str(pair[0]),
+        str(pair[1]),
+        "-o",
+        str(out),
+        "--preset",
+        "coarse-to-fine",
+        "--scale-iterations",
+        "2,2",
+        "--size",
+        "128",
+        "--iterations",
+        "3",
+        "--weights",
+        "random",
+        "--quiet",
+    ]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    cfg = json.loads(out.with_suffix(".json").read_text())["config"]
+    assert cfg["scales"] == [0.25, 0.5, 1.0] and cfg["scale_iterations"] == [2, 2] and cfg["iterations"] == 3

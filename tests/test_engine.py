@@ -200,3 +200,39 @@ def test_bf16_objective_matches_fp32_within_tolerance(pair: tuple[Path, Path]) -
     for key in ("content", "style", "tv"):
         assert terms["bf16"][key] == pytest.approx(terms["fp32"][key], rel=0.02, abs=1e-6), key
     assert float(torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)) > 0.95
+
+
+def test_coarse_to_fine_runs_each_scale_and_records_it(pair: tuple[Path, Path]) -> None:
+    cfg = tiny_config(size=96, scales=(0.5, 1.0), scale_iterations=(5,), iterations=4)
+    res = nstlab.stylize(*pair, cfg)
+    coarse = res.record["run"]["coarse_scales"]
+    assert [c["size"] for c in coarse] == [[48, 36]] and coarse[0]["evaluations"] == 5
+    assert res.record["run"]["total_evaluations"] == 9 and res.engine.evaluations == 4
+    assert res.image.shape[-2:] == (72, 96)
+    # The full-size run starts from the upsampled coarse result, not from the content image.
+    plain = nstlab.stylize(*pair, tiny_config(size=96, iterations=4))
+    assert res.trace[0]["total"] != plain.trace[0]["total"]
+
+
+def test_preset_and_scale_validation() -> None:
+    from nstlab.config import StylizeConfig
+    from nstlab.errors import ConfigError
+
+    fast = StylizeConfig.preset("coarse-to-fine")
+    assert fast.scales == (0.25, 0.5, 1.0) and fast.scale_iterations == (300, 200)
+    with pytest.raises(ConfigError, match="Did you mean 'coarse-to-fine'"):
+        StylizeConfig.preset("coarse-to-fin")
+    with pytest.raises(ConfigError, match="ending with 1.0"):
+        StylizeConfig(scales=(0.5, 0.25, 1.0), scale_iterations=(1, 1))
+    with pytest.raises(ConfigError, match="one budget per coarse scale"):
+        StylizeConfig(scales=(0.5, 1.0))
+
+
+def test_estimate_extrapolates_from_probes(pair: tuple[Path, Path]) -> None:
+    from nstlab.api import estimate
+
+    est = estimate(*pair, tiny_config(size=128, iterations=100))
+    assert [p["long_side"] for p in est.probes] == [32, 64]
+    assert est.peak_memory_bytes > 0 and est.seconds_per_evaluation > 0
+    assert est.total_seconds == pytest.approx(est.seconds_per_evaluation * 100)
+    assert "GiB" in est.describe()

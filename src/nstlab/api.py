@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -210,7 +211,7 @@ def stylize(
     reset_peak(device)
     started = _dt.datetime.now(_dt.UTC)
 
-    def finish(res: EngineResult) -> Result:
+    def _finish(res: EngineResult) -> Result:
         peak, peak_kind = peak_bytes(device)
         resolved = cfg.resolved()
         record: dict[str, Any] = {
@@ -240,8 +241,20 @@ def stylize(
         }
         return Result(res.image, resolved, res, record)
 
+    coarse: list[dict[str, Any]] = []
+
+    def finish(res: EngineResult) -> Result:
+        result = _finish(res)
+        if coarse:
+            result.record["run"]["coarse_scales"] = coarse
+            result.record["run"]["total_evaluations"] = res.evaluations + sum(
+                x["evaluations"] for x in coarse
+            )
+        return result
+
     try:
-        res = optimize(extractor, c, s, cfg, on_step=on_step, snapshot_at=snapshot_at)
+        init = _coarse_to_fine(extractor, c_img, s_img, cfg, device, coarse)
+        res = optimize(extractor, c, s, cfg, on_step=on_step, snapshot_at=snapshot_at, init=init)
     except NonFiniteLossError as exc:
         exc.result = finish(exc.result)
         raise
@@ -251,4 +264,133 @@ def stylize(
     return finish(res)
 
 
-__all__ = ["InputImage", "Result", "resolve_device", "sidecar_path", "stylize", "versions"]
+def _coarse_to_fine(
+    extractor: FeatureExtractor,
+    content: Image.Image,
+    style: Image.Image,
+    cfg: StylizeConfig,
+    device: torch.device,
+    log: list[dict[str, Any]],
+) -> Tensor | None:
+    """Run the coarse scales (if any); return the upsampled start image for the full-size run."""
+    image: Tensor | None = None
+    minimum = get_spec(cfg.extractor).min_side(_layers(cfg))
+    for scale, budget in zip(cfg.scales[:-1], cfg.scale_iterations, strict=True):
+        long_side = max(round(cfg.size * scale), minimum)
+        c = images.resize_long_side(content, long_side)
+        s = images.resize_long_side(style, long_side)
+        if min(c.size) < minimum:
+            raise ConfigError(
+                f"scale {scale} makes the content {c.size[0]}x{c.size[1]} px, below {minimum} px"
+            )
+        ct, st = images.to_tensor(c).to(device), images.to_tensor(s).to(device)
+        start = None if image is None else _upsample(image.to(device), ct.shape[-2:])
+        res = optimize(extractor, ct, st, cfg.replace(iterations=budget), init=start)
+        image = res.image
+        log.append(
+            {
+                "scale": scale,
+                "size": list(c.size),
+                "evaluations": res.evaluations,
+                "wall_time_s": round(res.wall_time_s, 4),
+                "final_losses": res.trace[-1],
+            }
+        )
+    if image is None:
+        return None
+    return _upsample(image.to(device), (content.size[1], content.size[0]))
+
+
+def _upsample(image: Tensor, size: Any) -> Tensor:
+    return F.interpolate(image, size=tuple(size), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def _layers(cfg: StylizeConfig) -> tuple[str, ...]:
+    resolved = cfg.resolved()
+    assert resolved.content_layers is not None and resolved.style_layers is not None
+    return resolved.content_layers + resolved.style_layers
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Expected cost of a run, extrapolated from two short probe runs at reduced sizes."""
+
+    peak_memory_bytes: int
+    seconds_per_evaluation: float
+    total_seconds: float
+    probes: list[dict[str, float]]
+    memory_kind: str
+
+    def describe(self) -> str:
+        gib = self.peak_memory_bytes / 2**30
+        sizes = ", ".join(str(int(p["long_side"])) for p in self.probes)
+        return (
+            f"estimate: peak memory ~{gib:.2f} GiB ({self.memory_kind}), "
+            f"~{self.seconds_per_evaluation:.3g} s per iteration, ~{self.total_seconds / 60:.1f} min in all "
+            f"(extrapolated linearly in pixel count from probes at {sizes} px)"
+        )
+
+
+def estimate(
+    content: ImageInput | InputImage,
+    style: ImageInput | InputImage,
+    config: StylizeConfig | None = None,
+    **overrides: Any,
+) -> Estimate:
+    """Predict peak memory and time of ``stylize`` without running it: two probes (3 evaluations each) at
+    1/16 and 1/4 of the target pixel count, whose activation memory and time per evaluation are fitted as
+    a + b * pixels and extrapolated. Weights and libraries already resident count once."""
+    from nstlab.memory import current_bytes
+
+    cfg = config or StylizeConfig()
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    device = resolve_device(cfg.device)
+    cin, sin, c_img, s_img = prepare_inputs(content, style, cfg)
+    extractor = get_extractor(cfg, device)
+    minimum = get_spec(cfg.extractor).min_side(_layers(cfg))
+    target_px = c_img.size[0] * c_img.size[1]
+    probes: list[dict[str, float]] = []
+    for fraction in (0.25, 0.5):  # of the long side: 1/16 and 1/4 of the pixels
+        long_side = max(round(cfg.size * fraction), 2 * minimum)
+        c = images.to_tensor(images.resize_long_side(c_img, long_side)).to(device)
+        s = images.to_tensor(images.resize_long_side(s_img, long_side)).to(device)
+        reset_peak(device)
+        before = current_bytes(device)
+        res = optimize(extractor, c, s, cfg.replace(iterations=3, scales=(1.0,), scale_iterations=()))
+        peak, kind = peak_bytes(device)
+        probes.append(
+            {
+                "long_side": long_side,
+                "pixels": c.shape[-1] * c.shape[-2],
+                "activation_bytes": max(peak - before, 0),
+                "seconds": res.wall_time_s / 3,
+                "resident_bytes": before,
+            }
+        )
+    (p1, p2) = probes
+
+    def extrapolate(key: str) -> float:
+        slope = (p2[key] - p1[key]) / max(p2["pixels"] - p1["pixels"], 1)
+        return max(p2[key] + slope * (target_px - p2["pixels"]), p2[key])
+
+    per_eval = extrapolate("seconds")
+    coarse_px = sum(
+        target_px * sc * sc * n for sc, n in zip(cfg.scales[:-1], cfg.scale_iterations, strict=True)
+    )
+    total = per_eval * (cfg.iterations + coarse_px / target_px)
+    peak_total = int(p2["resident_bytes"] + extrapolate("activation_bytes"))
+    del cin, sin
+    return Estimate(peak_total, per_eval, total, probes, kind)
+
+
+__all__ = [
+    "Estimate",
+    "InputImage",
+    "Result",
+    "estimate",
+    "resolve_device",
+    "sidecar_path",
+    "stylize",
+    "versions",
+]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from nstlab.config import INITS, LOSS_TERMS, OPTIMIZERS, PRECISIONS, StylizeConfig
+from nstlab.config import INITS, LOSS_TERMS, OPTIMIZERS, PRECISIONS, PRESETS, StylizeConfig
 from nstlab.errors import ConfigError, InputError, NonFiniteLossError, NstlabError, StylizeInterrupted
 from nstlab.features import EXTRACTORS
 
@@ -76,6 +76,18 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="(default: %(default)s)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     g.add_argument(
+        "--scales",
+        type=_csv(float),
+        metavar="F1,F2,1",
+        help="coarse-to-fine: fractions of --size, ascending, ending with 1 (default: 1)",
+    )
+    g.add_argument(
+        "--scale-iterations",
+        type=_csv(int),
+        metavar="N1,N2",
+        help="evaluations at each coarse scale (one per scale before the last)",
+    )
+    g.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="extractor precision; Grams, losses and the image stay fp32 (default: %(default)s = fp32)",
@@ -85,6 +97,10 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> StylizeConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StylizeConfig)}
+    preset = PRESETS[getattr(args, "preset", None) or "report"]
+    for name, value in preset.items():  # a preset fills the options left at their defaults
+        if values[name] in (_default(name), getattr(DEFAULTS, name)):  # argparse may have parsed the default
+            values[name] = value
     for name, value in values.items():
         default = getattr(DEFAULTS, name)
         if isinstance(default, tuple) and isinstance(value, str):
@@ -153,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a named setting; explicit options still override it (default: report)",
+    )
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the expected peak memory and time, then exit without stylising",
+    )
+    p.add_argument(
         "--save-every", type=int, default=0, metavar="N", help="also save the image every N iterations"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -207,6 +233,11 @@ def run_stylize(args: argparse.Namespace, content: Path | str, style: Path | str
         )
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
+    if args.estimate:
+        from nstlab.api import estimate
+
+        print(estimate(content, style, cfg).describe())
+        return 0
     if cfg.weights == "random":
         _warn(RANDOM_WEIGHTS_WARNING)
     snapshots = range(args.save_every, cfg.iterations + 1, args.save_every) if args.save_every else range(0)

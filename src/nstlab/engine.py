@@ -164,18 +164,21 @@ def optimize(
     *,
     on_step: Callable[[Progress], None] | None = None,
     snapshot_at: Collection[int] = (),
+    init: Tensor | None = None,
 ) -> EngineResult:
     """Run the optimisation. ``content`` and ``style`` are (1, 3, H, W) tensors in [0, 1] on one device.
 
     Raises NonFiniteLossError (with the last finite image in ``.result``) when the loss becomes NaN/inf and
-    StylizeInterrupted (with the current image in ``.result``) on Ctrl-C.
+    StylizeInterrupted (with the current image in ``.result``) on Ctrl-C. ``init`` overrides ``cfg.init``
+    with a given starting image (coarse-to-fine passes the upsampled coarse result).
     """
     cfg = cfg.resolved()
     assert cfg.lr is not None
     torch.manual_seed(cfg.seed)
     objective = Objective(extractor, content, style, cfg)
     # A contiguous NCHW leaf: L-BFGS flattens gradients with .view(-1), which fails on other layouts.
-    param = initial_image(cfg, content, style).contiguous().requires_grad_(True)
+    start_image = initial_image(cfg, content, style) if init is None else init.detach().clone()
+    param = start_image.contiguous().requires_grad_(True)
     opt = make_optimizer(cfg.optimizer, param, cfg.lr)
     budget = cfg.iterations
     snapshots_wanted = set(snapshot_at)

@@ -36,3 +36,16 @@ def peak_bytes(device: torch.device) -> tuple[int, str]:
         pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "process_peak_rss_since_start"
+
+
+def current_bytes(device: torch.device) -> int:
+    """Memory in use now: CUDA's allocated bytes, or this process's resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
