@@ -183,6 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             f"| {run['nstlab_loss_at_same_budget']:.5g} | {run['baseline_s_per_eval']:.3f} "
             f"| {run['nstlab_s_per_eval']:.3f} |"
         )
+    reached = [r for r in runs if r["nstlab_time_to_target_s"] is not None]
+    if len(runs) > 1 and reached:
+        ratios = [r["nstlab_time_to_target_s"] / r["baseline_time_to_target_s"] for r in reached]
+        print(
+            f"\nMedian over {len(runs)} alternating repeats: baseline "
+            f"{C.median([r['baseline_time_to_target_s'] for r in runs]):.1f} s, nstlab "
+            f"{C.median([r['nstlab_time_to_target_s'] for r in reached]):.1f} s to the target; "
+            f"paired time ratio nstlab/baseline {C.median(ratios):.2f} (evaluations: "
+            f"{C.median([float(r['nstlab_evals_to_target']) for r in reached]):.0f} vs "
+            f"{C.median([float(r['baseline_evals_to_target']) for r in runs]):.0f})"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         record = {"machine": info, "args": {k: v for k, v in vars(args).items()}, "runs": runs}
