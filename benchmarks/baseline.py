@@ -243,7 +243,7 @@ class BaselineNST:
 
         while count < iterations:
             try:
-                optimizer.step(closure)  # type: ignore[arg-type]
+                optimizer.step(closure)  # type: ignore[no-untyped-call]
             except _BudgetSpent:
                 break
         self.img.data.clamp_(0, 1)

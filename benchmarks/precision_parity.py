@@ -60,7 +60,7 @@ class Autocast(nn.Module):
         if channels_last:
             # .eval() again: deepcopy of the extractor's fx GraphModule puts its submodules (BatchNorm)
             # back into training mode (torch 2.14).
-            inner = copy.deepcopy(inner).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+            inner = copy.deepcopy(inner).to(memory_format=torch.channels_last).eval()
         self.inner = inner
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

@@ -291,12 +291,15 @@ def test_ctrl_c_saves_image_and_record(pair: tuple[Path, Path], tmp_path: Path) 
         "1",
     ]
     proc = _spawn(args, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "o_steps").is_dir() or not any((tmp_path / "o_steps").iterdir()):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "o_steps").is_dir() or not any((tmp_path / "o_steps").iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a 100000-iteration run behind
     assert proc.returncode == 130, err.decode()
     assert b"interrupted after" in err and b"Traceback" not in err
     record = json.loads(out.with_suffix(".json").read_text())

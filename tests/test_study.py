@@ -207,7 +207,8 @@ def test_iteration_sweep_snapshots_equal_separate_runs(tmp_path: Path) -> None:
 
 
 def _spawn_run(path: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # One thread per runner: two 2-thread runners on two cores spin-wait on each other's OpenMP barriers.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [
             sys.executable,
@@ -235,18 +236,20 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert {j.config.iterations for j in study.jobs()} == {150}
     proc = _spawn_run(path)
     db = store_path(study)
-    deadline = time.monotonic() + 120
-    while True:
-        assert time.monotonic() < deadline and proc.poll() is None, "first job never finished"
-        if db.exists():
-            with sqlite3.connect(db, timeout=30) as con:
-                done = con.execute("SELECT COUNT(*) FROM jobs WHERE status='done'").fetchone()[0]
-                running = con.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0]
-            if done >= 1 and running == 1:
-                break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, "first job never finished"
+            if db.exists():
+                with sqlite3.connect(db, timeout=30) as con:
+                    done = con.execute("SELECT COUNT(*) FROM jobs WHERE status='done'").fetchone()[0]
+                    running = con.execute("SELECT COUNT(*) FROM jobs WHERE status='running'").fetchone()[0]
+                if done >= 1 and running == 1:
+                    break
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # also when the test fails: never leave a runner behind
+        proc.wait()
     store = Store(db)
     assert store.integrity() == "ok"
     before = {r["id"]: r for r in store.rows()}
@@ -255,7 +258,10 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     killed = [i for i, r in before.items() if r["status"] == "running"]
     assert len(killed) == 1
     proc = _spawn_run(path)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    try:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    finally:
+        proc.kill()
     store = Store(db)
     after = {r["id"]: r for r in store.rows()}
     assert store.integrity() == "ok"
@@ -271,8 +277,12 @@ def test_two_concurrent_runners_split_the_work(tmp_path: Path) -> None:
         tmp_path, "seed = [0, 1, 2, 3]", base="iterations = 8000", pairs=2
     )  # 8 jobs x 40 evals
     procs = [_spawn_run(path), _spawn_run(path)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read().decode() if p.stderr else ""
+    try:
+        for p in procs:
+            assert p.wait(timeout=600) == 0, p.stderr.read().decode() if p.stderr else ""
+    finally:
+        for p in procs:
+            p.kill()
     study = load_study(path, smoke=True)
     store = Store(store_path(study))
     rows = store.rows()
