@@ -184,6 +184,23 @@ def prepare_inputs(
     return cin, sin, c, s
 
 
+def _setup(
+    content: ImageInput | InputImage,
+    style: ImageInput | InputImage,
+    config: StylizeConfig | None,
+    overrides: dict[str, Any],
+) -> tuple[
+    StylizeConfig, torch.device, tuple[InputImage, InputImage, Image.Image, Image.Image], FeatureExtractor
+]:
+    """Config with overrides, device, loaded and resized inputs, and the (cached) extractor."""
+    cfg = config or StylizeConfig()
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    device = resolve_device(cfg.device)
+    inputs = prepare_inputs(content, style, cfg)
+    return cfg, device, inputs, get_extractor(cfg, device)
+
+
 def stylize(
     content: ImageInput | InputImage,
     style: ImageInput | InputImage,
@@ -200,12 +217,7 @@ def stylize(
     :class:`~nstlab.errors.NonFiniteLossError` when the loss breaks down and
     :class:`~nstlab.errors.StylizeInterrupted` on Ctrl-C; both carry a partial :class:`Result` in ``.result``.
     """
-    cfg = config or StylizeConfig()
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    device = resolve_device(cfg.device)
-    cin, sin, c_img, s_img = prepare_inputs(content, style, cfg)
-    extractor = get_extractor(cfg, device)
+    cfg, device, (cin, sin, c_img, s_img), extractor = _setup(content, style, config, overrides)
     c = images.to_tensor(c_img).to(device)
     s = images.to_tensor(s_img).to(device)
     reset_peak(device)
@@ -342,12 +354,7 @@ def estimate(
     a + b * pixels and extrapolated. Weights and libraries already resident count once."""
     from nstlab.memory import current_bytes
 
-    cfg = config or StylizeConfig()
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    device = resolve_device(cfg.device)
-    cin, sin, c_img, s_img = prepare_inputs(content, style, cfg)
-    extractor = get_extractor(cfg, device)
+    cfg, device, (cin, sin, c_img, s_img), extractor = _setup(content, style, config, overrides)
     minimum = get_spec(cfg.extractor).min_side(_layers(cfg))
     target_px = c_img.size[0] * c_img.size[1]
     probes: list[dict[str, float]] = []

@@ -225,12 +225,7 @@ def run_stylize(args: argparse.Namespace, content: Path | str, style: Path | str
 
     cfg = config_from_args(args)
     out = Path(args.output)
-    if out.is_dir():
-        raise ConfigError(f"output {out} is a directory; give a file name such as {out / 'result.png'}")
-    if out.suffix.lower() not in images.SAVE_FORMATS:
-        raise ConfigError(
-            f"output {out} has an unsupported extension; use one of {', '.join(images.SAVE_FORMATS)}"
-        )
+    images.check_output_path(out)
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
     if args.estimate:

@@ -217,12 +217,7 @@ def run_reference(args: argparse.Namespace) -> int:
     from nstlab.reference import make_reference
 
     out = Path(args.output)
-    if out.is_dir():
-        raise ConfigError(f"output {out} is a directory; give a file name such as {out / 'reference.png'}")
-    if out.suffix.lower() not in images.SAVE_FORMATS:
-        raise ConfigError(
-            f"output {out} has an unsupported extension; use one of {', '.join(images.SAVE_FORMATS)}"
-        )
+    images.check_output_path(out, "reference.png")
     for what, given in (("content", args.content), ("style", args.style)):
         if _same_file(out, Path(given)):
             raise ConfigError(f"output {out} is the {what} image; choose another file name")

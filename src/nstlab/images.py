@@ -21,6 +21,7 @@ __all__ = [
     "MAX_PIXELS",
     "SAVE_FORMATS",
     "check_min_size",
+    "check_output_path",
     "file_sha256",
     "load_image",
     "resize_long_side",
@@ -243,6 +244,14 @@ def save_image(
         pil.save(f, format=fmt, **params)
 
     return _atomic_write(p, write)
+
+
+def check_output_path(path: Path, example: str = "result.png") -> None:
+    """Fail fast (before any long computation) on an output path that save_image would refuse."""
+    if path.is_dir():
+        raise ImageError(f"output {path} is a directory; give a file name such as {path / example}")
+    if path.suffix.lower() not in SAVE_FORMATS:
+        raise ImageError(f"output {path} has an unsupported extension; use one of {', '.join(SAVE_FORMATS)}")
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
