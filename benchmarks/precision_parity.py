@@ -10,10 +10,13 @@ field (the engine's own option) that is used for the runs instead of the wrapper
 an ``engine_bf16`` row.
 
 Reported per pair: the final loss of both images scored by the same fp32 objective and its ratio
-(bf16 / fp32), the PSNR between the two final images, and the wall time of both runs. Then, on the first
-pair, seconds per evaluation of fp32 / fp32 channels_last / bf16 / bf16 channels_last, timed alternately.
-Random weights (no pretrained weights here): Kaiming-initialised convolutions keep activations at a
-realistic scale, but the numbers say how much bf16 perturbs *this* objective, not a pretrained one.
+(bf16 / fp32), the PSNR between the two final images, and the wall time of both runs. A third run, fp32
+in channels_last (same precision, other kernels, so other rounding), gives the noise floor: how far apart
+two fp32 results already are, because L-BFGS amplifies any rounding difference over the run. Then, on the
+first pair, seconds per evaluation of fp32 / fp32 channels_last / bf16 / bf16 channels_last (and the
+engine's own bf16), timed alternately. Random weights (no pretrained weights here): Kaiming-initialised
+convolutions keep activations at a realistic scale, but the numbers say how much bf16 perturbs *this*
+objective, not a pretrained one.
 
     .venv/bin/python benchmarks/precision_parity.py                    # all pairs, 256 px, 300 evaluations
     .venv/bin/python benchmarks/precision_parity.py --pairs pair-1 --iterations 100 --repeats 3
@@ -46,7 +49,8 @@ warnings.filterwarnings("ignore", message="Converting a tensor with requires_gra
 
 # Pass criteria for "auto may pick bf16": the result must be the same to within these, and it must pay.
 MAX_LOSS_DEVIATION = 0.05  # |final loss ratio - 1|
-MIN_PSNR_DB = 30.0
+MIN_PSNR_DB = 30.0  # ... or, if lower, the fp32 noise floor minus FLOOR_MARGIN_DB (see below)
+FLOOR_MARGIN_DB = 3.0
 MAX_SPEED_RATIO = 0.9  # bf16 seconds / fp32 seconds per evaluation
 
 
@@ -103,6 +107,9 @@ def run(
     if which == "fp32":
         # Pinned: "auto" may one day resolve to bf16.
         return optimize(extractor, content, style, with_precision(cfg, "fp32") or cfg), "fp32"
+    if which == "fp32_cl":  # the noise floor: still fp32, only other kernels (other rounding)
+        wrapped = cast(FeatureExtractor, Autocast(extractor, None, channels_last=True))
+        return optimize(wrapped, content, style, with_precision(cfg, "fp32") or cfg), "fp32 channels_last"
     engine_cfg = with_precision(cfg, "bf16", "bfloat16")
     if engine_cfg is not None:
         label = f"the engine's precision={engine_cfg.to_dict()['precision']} (autocast, NCHW)"
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed evaluations per variant for the speed table")
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-floor", action="store_true", help="skip the fp32 channels_last noise-floor run")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     data = C.data_dir(args.data)
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         content, style = C.load_pair(data, pair, args.size)
         results: dict[str, EngineResult] = {}
         how = ""
-        for which in ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32"):
+        order = ["fp32", "bf16"] + ([] if args.no_floor else ["fp32_cl"])
+        for which in order if i % 2 == 0 else order[::-1]:
             results[which], label = run(which, extractor, content, style, cfg)
             how = label if which == "bf16" else how
         objective = Objective(extractor, content, style, cfg)
@@ -189,10 +198,15 @@ def main(argv: list[str] | None = None) -> int:
             "bf16_how": how,
             "start_loss": image_loss(objective, content),
         }
+        if "fp32_cl" in results:
+            row["floor_loss_ratio"] = image_loss(objective, results["fp32_cl"].image) / l32
+            row["floor_psnr_db"] = psnr(results["fp32_cl"].image, results["fp32"].image)
         rows.append(row)
         print(
             f"# {pair}: fp32 {l32:.5g}, bf16 {l16:.5g} (ratio {row['loss_ratio']:.4f}), "
-            f"PSNR {row['psnr_db']:.1f} dB, runs {row['fp32_run_s']:.0f} s / {row['bf16_run_s']:.0f} s",
+            f"PSNR {row['psnr_db']:.1f} dB, runs {row['fp32_run_s']:.0f} s / {row['bf16_run_s']:.0f} s; "
+            f"fp32 noise floor: PSNR {row.get('floor_psnr_db', float('nan')):.1f} dB, "
+            f"loss ratio {row.get('floor_loss_ratio', float('nan')):.4f}",
             flush=True,
         )
 
@@ -206,15 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| pair | image H×W | start loss | fp32 final loss | bf16 final loss | bf16/fp32 | PSNR bf16 vs fp32 "
-        "| fp32 run s | bf16 run s |"
+        "| fp32 run s | bf16 run s | floor: fp32-CL/fp32 loss | floor: PSNR fp32-CL vs fp32 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['pair']} | {'×'.join(map(str, r['image_hw']))} | {r['start_loss']:.4g} "
             f"| {r['fp32_loss']:.4g} "
             f"| {r['bf16_loss']:.4g} | {r['loss_ratio']:.4f} | {r['psnr_db']:.1f} dB | {r['fp32_run_s']:.1f} "
-            f"| {r['bf16_run_s']:.1f} |"
+            f"| {r['bf16_run_s']:.1f} | {r.get('floor_loss_ratio', float('nan')):.4f} "
+            f"| {r.get('floor_psnr_db', float('nan')):.1f} dB |"
         )
     print(
         f"\nSpeed ({pairs[0]}, median s/eval over {args.repeats} alternating repeats; "
@@ -226,13 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | {v['s_per_eval']:.3f} | {v.get('ratio_to_fp32', 1.0):.2f} |")
 
     worst_loss = max(abs(r["loss_ratio"] - 1) for r in rows)
-    worst_psnr = min(r["psnr_db"] for r in rows)
+    # PSNR: L-BFGS amplifies rounding differences, so any change of kernels moves the result; bf16 must be
+    # at least MIN_PSNR_DB or, where fp32 with other kernels is itself further off, within FLOOR_MARGIN_DB
+    # of that noise floor, on every pair.
+    psnr_ok = all(
+        r["psnr_db"] >= min(MIN_PSNR_DB, r.get("floor_psnr_db", MIN_PSNR_DB) - FLOOR_MARGIN_DB) for r in rows
+    )
     # What precision=auto would run: the engine's bf16 path where it exists, else the wrapper's best.
     bf16_key = "engine_bf16" if "engine_bf16" in sp else "bf16_cl"
     speed_ratio = sp[bf16_key]["ratio_to_fp32"]
     checks = {
         f"final loss within {MAX_LOSS_DEVIATION:.0%}": worst_loss <= MAX_LOSS_DEVIATION,
-        f"PSNR >= {MIN_PSNR_DB:.0f} dB": worst_psnr >= MIN_PSNR_DB,
+        f"PSNR >= min({MIN_PSNR_DB:.0f} dB, noise floor - {FLOOR_MARGIN_DB:.0f} dB) on every pair": psnr_ok,
         f"{bf16_key} at most {MAX_SPEED_RATIO} x fp32 time per evaluation": speed_ratio <= MAX_SPEED_RATIO,
     }
     native = [f for f in ("avx512_bf16", "amx_bf16") if f in info["speed_flags_present"]]
