@@ -196,7 +196,8 @@ def test_bf16_objective_matches_fp32_within_tolerance(pair: tuple[Path, Path]) -
         t = objective.terms(param)
         torch.stack(list(t.values())).sum().backward()
         assert param.grad is not None and param.grad.dtype == torch.float32
-        grads[precision], terms[precision] = param.grad.flatten(), {k: float(v.detach()) for k, v in t.items()}
+        grads[precision] = param.grad.flatten()
+        terms[precision] = {k: float(v.detach()) for k, v in t.items()}
     for key in ("content", "style", "tv"):
         assert terms["bf16"][key] == pytest.approx(terms["fp32"][key], rel=0.02, abs=1e-6), key
     assert float(torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)) > 0.95
