@@ -41,6 +41,9 @@ from nstlab.features import FeatureExtractor, build_extractor, get_spec
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
 
 
+LEVELS = (2.0, 1.5, 1.2, 1.1, 1.05, 1.02, 1.0)
+
+
 class _Stop(Exception):
     pass
 
@@ -164,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
                 "nstlab_evals": n_hit[0] if n_hit else None,
                 "nstlab_s": n_hit[1] if n_hit else None,
             }
+        # Levels relative to the lowest loss either implementation evaluated within the same budget.
+        floor = min(min(x[1] for x in b_trace), min(x[1] for x in n_trace[: args.iterations]))
+        run["levels"] = {
+            f"{m:g}": {
+                "loss": m * floor,
+                "baseline": first_reach(b_trace, m * floor),
+                "nstlab": first_reach(n_trace[: args.iterations], m * floor),
+            }
+            for m in LEVELS
+        }
         checkpoints = [k for k in (1, 10, 30, 100, 300, 1000, 3000) if k <= args.iterations]
         run |= {
             "baseline_s_per_eval": b_time / args.iterations,
@@ -196,6 +209,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {_f(n_s / d['baseline_s'] if n_s is not None else None, 3)} "
                 f"| {_f(n_e / d['baseline_evals'] if n_e else None, 3)} |"
             )
+    print(
+        "\nTime to loss <= m × L*, L* = the lowest loss either evaluated within the budget "
+        "(evaluations, seconds; run 1; ratio = median over runs)\n"
+    )
+    print("| m | loss | baseline evals | baseline s | nstlab evals | nstlab s | time ratio nstlab/baseline |")
+    print("|---|---|---|---|---|---|---|")
+    for key, lv in runs[0]["levels"].items():
+        b_hit, n_hit = lv["baseline"], lv["nstlab"]
+        ratios = [
+            r["levels"][key]["nstlab"][1] / r["levels"][key]["baseline"][1]
+            for r in runs
+            if r["levels"][key]["nstlab"] and r["levels"][key]["baseline"]
+        ]
+        print(
+            f"| {key} | {lv['loss']:.5g} | {b_hit[0] if b_hit else '–'} "
+            f"| {_f(b_hit[1] if b_hit else None, 1)} "
+            f"| {n_hit[0] if n_hit else '–'} | {_f(n_hit[1] if n_hit else None, 1)} "
+            f"| {_f(C.median(ratios) if ratios else None, 2)} |"
+        )
     print("\nLoss of the current image after k evaluations (first run)\n")
     print("| k | baseline | nstlab |")
     print("|---|---|---|")
