@@ -22,7 +22,8 @@ What is timed:
 Optional variants (``--variants``): ``baseline_frozen`` (the baseline with ``requires_grad_(False)``) and
 ``nstlab_cl`` (nstlab's objective with the extractor and its input in channels_last memory format) and
 ``nstlab_fastgram`` (nstlab's objective with ``losses.gram_matrix`` swapped, for its own evaluations only,
-for a Gram whose backward is one batched matmul -- see ``fast_gram_matrix``).
+for a Gram whose backward is one batched matmul -- see ``fast_gram_matrix``), and both together
+(``nstlab_cl_fastgram``).
 
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one evaluation (forward + backward; it counts
 convolutions and matrix products, not element-wise work). Achieved fraction = FLOPs / (seconds per
@@ -61,7 +62,7 @@ from nstlab.optim import make_optimizer
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
 
 EXTRACTORS = ("vgg16", "vgg19", "resnet18")
-VARIANTS = ("baseline", "nstlab", "baseline_frozen", "nstlab_cl", "nstlab_fastgram")
+VARIANTS = ("baseline", "nstlab", "baseline_frozen", "nstlab_cl", "nstlab_fastgram", "nstlab_cl_fastgram")
 
 
 class ChannelsLast(nn.Module):
@@ -173,6 +174,8 @@ def build(
         return NstlabEval(ChannelsLast(extractor), content, style, cfg)
     if variant == "nstlab_fastgram":
         return NstlabEval(extractor, content, style, cfg, gram=fast_gram_matrix)
+    if variant == "nstlab_cl_fastgram":
+        return NstlabEval(ChannelsLast(extractor), content, style, cfg, gram=fast_gram_matrix)
     raise ValueError(variant)
 
 
