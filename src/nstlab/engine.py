@@ -185,7 +185,9 @@ def optimize(
     trace: list[dict[str, float]] = []
     snapshots: dict[int, Tensor] = {}
     state = {"evals": 0, "steps": 0}
-    last_image = param.detach().clamp(0, 1).cpu().clone()
+    # Kept on the optimisation device (a device-to-host copy every evaluation would sync a GPU each time);
+    # moved to the CPU only for snapshots and the result.
+    last_image = param.detach().clamp(0.0, 1.0)
     start = time.perf_counter()
 
     def closure() -> Tensor:
@@ -206,9 +208,9 @@ def optimize(
         n = state["evals"]
         trace.append(values)
         # The image this evaluation scored; what we return if the budget ends (or the loss breaks) next.
-        last_image = param.detach().clamp(0.0, 1.0).cpu().clone()
+        last_image = param.detach().clamp(0.0, 1.0)  # clamp() makes a new tensor: later steps do not touch it
         if n in snapshots_wanted:
-            snapshots[n] = last_image
+            snapshots[n] = last_image.cpu()
         if on_step is not None:
             on_step(
                 Progress(
@@ -217,14 +219,14 @@ def optimize(
                     state["steps"],
                     values,
                     time.perf_counter() - start,
-                    last_image if n in snapshots_wanted else None,
+                    snapshots.get(n),
                 )
             )
         return total
 
     def result(reason: str) -> EngineResult:
         return EngineResult(
-            last_image,
+            last_image.cpu(),
             trace,
             state["evals"],
             state["steps"],
