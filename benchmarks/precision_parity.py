@@ -48,10 +48,11 @@ from nstlab.metrics import psnr
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
 
 # Pass criteria for "auto may pick bf16": the result must be the same to within these, and it must pay.
-MAX_LOSS_DEVIATION = 0.05  # |final loss ratio - 1|
-MIN_PSNR_DB = 30.0  # ... or, if lower, the fp32 noise floor minus FLOOR_MARGIN_DB (see below)
-FLOOR_MARGIN_DB = 3.0
-MAX_SPEED_RATIO = 0.9  # bf16 seconds / fp32 seconds per evaluation
+# The defaults are the criterion stated in benchmarks/README.md (which the engine's resolve_precision cites);
+# the command-line options override them.
+MAX_LOSS_DEVIATION = 0.02  # |final loss ratio - 1|, on every pair
+MIN_PSNR_DB = 35.0  # PSNR of the bf16 result against the fp32 result, on every pair
+MAX_SPEED_RATIO = 1.0  # bf16 seconds / fp32 seconds per evaluation: bf16 must be faster
 
 
 class Autocast(nn.Module):
@@ -155,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-floor", action="store_true", help="skip the fp32 channels_last noise-floor run")
+    p.add_argument("--max-loss-deviation", type=float, default=MAX_LOSS_DEVIATION)
+    p.add_argument("--min-psnr", type=float, default=MIN_PSNR_DB)
+    p.add_argument("--max-speed-ratio", type=float, default=MAX_SPEED_RATIO)
+    p.add_argument(
+        "--floor-margin",
+        type=float,
+        default=None,
+        help="relax the PSNR bar to (fp32 noise floor - this many dB) where that is lower",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     data = C.data_dir(args.data)
@@ -241,19 +251,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {k} | {v['s_per_eval']:.3f} | {v.get('ratio_to_fp32', 1.0):.2f} |")
 
     worst_loss = max(abs(r["loss_ratio"] - 1) for r in rows)
-    # PSNR: L-BFGS amplifies rounding differences, so any change of kernels moves the result; bf16 must be
-    # at least MIN_PSNR_DB or, where fp32 with other kernels is itself further off, within FLOOR_MARGIN_DB
-    # of that noise floor, on every pair.
-    psnr_ok = all(
-        r["psnr_db"] >= min(MIN_PSNR_DB, r.get("floor_psnr_db", MIN_PSNR_DB) - FLOOR_MARGIN_DB) for r in rows
-    )
+
+    # PSNR: L-BFGS amplifies rounding differences, so any change of kernels moves the result. With
+    # --floor-margin M the PSNR rule becomes: >= min(--min-psnr, that pair's fp32 noise floor - M).
+    def psnr_needed(r: dict[str, Any]) -> float:
+        if args.floor_margin is None or "floor_psnr_db" not in r:
+            return float(args.min_psnr)
+        return min(float(args.min_psnr), float(r["floor_psnr_db"]) - float(args.floor_margin))
+
+    psnr_ok = all(r["psnr_db"] >= psnr_needed(r) for r in rows)
+    floors = [r["floor_psnr_db"] for r in rows if "floor_psnr_db" in r]
+    if floors and min(floors) < args.min_psnr:
+        print(
+            f"\nNote: fp32 with other kernels is itself only {min(floors):.1f}-{max(floors):.1f} dB from "
+            f"fp32 (the noise floor), below the {args.min_psnr:g} dB PSNR bar; see --floor-margin."
+        )
     # What precision=auto would run: the engine's bf16 path where it exists, else the wrapper's best.
     bf16_key = "engine_bf16" if "engine_bf16" in sp else "bf16_cl"
     speed_ratio = sp[bf16_key]["ratio_to_fp32"]
     checks = {
-        f"final loss within {MAX_LOSS_DEVIATION:.0%}": worst_loss <= MAX_LOSS_DEVIATION,
-        f"PSNR >= min({MIN_PSNR_DB:.0f} dB, noise floor - {FLOOR_MARGIN_DB:.0f} dB) on every pair": psnr_ok,
-        f"{bf16_key} at most {MAX_SPEED_RATIO} x fp32 time per evaluation": speed_ratio <= MAX_SPEED_RATIO,
+        f"final loss within {args.max_loss_deviation:.0%} on every pair": (
+            worst_loss <= args.max_loss_deviation
+        ),
+        (
+            f"PSNR >= {args.min_psnr:g} dB on every pair"
+            if args.floor_margin is None
+            else f"PSNR >= min({args.min_psnr:g} dB, noise floor - {args.floor_margin:g} dB) on every pair"
+        ): psnr_ok,
+        f"{bf16_key} below {args.max_speed_ratio:g} x fp32's time per evaluation": (
+            speed_ratio < args.max_speed_ratio
+        ),
     }
     native = [f for f in ("avx512_bf16", "amx_bf16") if f in info["speed_flags_present"]]
     print(f"\nCPU bf16 support: {', '.join(native) if native else 'none native (no avx512_bf16 / amx_bf16)'}")
