@@ -237,3 +237,53 @@ def test_estimate_extrapolates_from_probes(pair: tuple[Path, Path]) -> None:
     assert est.peak_memory_bytes > 0 and est.seconds_per_evaluation > 0
     assert est.total_seconds == pytest.approx(est.seconds_per_evaluation * 100)
     assert "GiB" in est.describe()
+
+
+@pytest.mark.parametrize("extractor", ["vgg19", "resnet18"])
+def test_checkpointed_run_equals_plain_run(pair: tuple[Path, Path], extractor: str) -> None:
+    # checkpoint="on" changes how memory is spent, not the result: the same loss at the start (float
+    # rounding, rel. 1e-5) and, after 8 L-BFGS evaluations (which amplify rounding), images within 1e-3.
+    runs = {
+        mode: nstlab.stylize(*pair, tiny_config(extractor=extractor, size=64, iterations=8, checkpoint=mode))
+        for mode in ("off", "on")
+    }
+    assert runs["on"].record["run"]["checkpoint"] is True and runs["off"].record["run"]["checkpoint"] is False
+    assert runs["on"].trace[0]["total"] == pytest.approx(runs["off"].trace[0]["total"], rel=1e-5)
+    assert runs["on"].trace[-1]["total"] == pytest.approx(runs["off"].trace[-1]["total"], rel=1e-3)
+    torch.testing.assert_close(runs["on"].image, runs["off"].image, rtol=0, atol=1e-3)
+
+
+def test_checkpoint_auto_switches_on_by_size() -> None:
+    from nstlab.engine import CHECKPOINT_AUTO_PIXELS, resolve_checkpoint
+
+    assert not resolve_checkpoint("auto", 1024 * 768) and resolve_checkpoint("auto", 4096 * 3072)
+    assert resolve_checkpoint("auto", CHECKPOINT_AUTO_PIXELS + 1)
+    assert resolve_checkpoint("on", 16) and not resolve_checkpoint("off", 4096 * 4096)
+
+
+def test_memory_options_are_validated() -> None:
+    from nstlab.config import StylizeConfig
+    from nstlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Did you mean 'on'"):
+        StylizeConfig(checkpoint="onn")
+    with pytest.raises(ConfigError, match="lbfgs_history must be an integer >= 1"):
+        StylizeConfig(lbfgs_history=0)
+
+
+def test_lbfgs_history_is_used_and_too_large_a_state_is_refused(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nstlab import api
+    from nstlab.errors import ResourceError
+    from nstlab.memory import lbfgs_state_bytes
+
+    res = nstlab.stylize(*pair, tiny_config(iterations=3, lbfgs_history=7))
+    assert res.record["optimizer"]["history_size"] == 7
+    # Pretend the machine has 1 MiB: a 64x48 image's 100 curvature pairs (7.5 MiB) cannot fit.
+    monkeypatch.setattr(api, "total_bytes", lambda device: 2**20)
+    with pytest.raises(ResourceError, match=r"--lbfgs-history \d+ .*or --optimizer adam"):
+        nstlab.stylize(*pair, tiny_config(iterations=1000))
+    assert lbfgs_state_bytes(64 * 48, 100, 1000) == (2 * 100 + 4) * 3 * 64 * 48 * 4
+    # Adam keeps two image-sized moments whatever the size: not refused.
+    assert nstlab.stylize(*pair, tiny_config(optimizer="adam", iterations=2)).engine.evaluations == 2

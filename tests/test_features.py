@@ -248,3 +248,48 @@ def test_torchvision_weights_from_cache(tmp_path: Path, monkeypatch: pytest.Monk
     ext = build_extractor(spec, ("layer1",), "torchvision")
     assert ext.weights.source == "torchvision" and ext.weights.identifier == "ResNet18_Weights.IMAGENET1K_V1"
     assert torch.equal(ext.body.conv1.weight, model.conv1.weight)
+
+
+def test_conv_layer_before_an_inplace_relu_keeps_its_negative_values() -> None:
+    # torchvision's VGG ReLUs are in place: without care the returned conv1_1 is overwritten by relu1_1.
+    extractor = build_extractor(get_spec("vgg19"), ["conv1_1", "relu1_1", "conv4_2"], "random")
+    feats = extractor(torch.rand(1, 3, 48, 48))
+    assert float(feats["conv1_1"].min()) < 0 and float(feats["conv4_2"].min()) < 0
+    assert torch.equal(feats["relu1_1"], feats["conv1_1"].clamp_min(0))
+
+
+@pytest.mark.parametrize("name", list(EXTRACTORS))
+@pytest.mark.parametrize("strip_rows", [None, 3])
+def test_checkpointed_pass_equals_plain_pass(name: str, strip_rows: int | None) -> None:
+    # Activation checkpointing (and, for VGG, strips of 3 output rows with their halos) computes exactly
+    # what the plain pass computes. In float64 to show it: in float32 the strips' other kernels round
+    # differently and, where two values in a max-pooling window are within rounding of each other, the
+    # gradient may go to the other one (rel. norm difference 2e-4 measured; test_engine covers float32).
+    spec = get_spec(name)
+    extra = ("conv1_1", "conv3_2", "pool2") if name != "resnet18" else ("bn1", "maxpool")
+    extractor = build_extractor(spec, [*spec.content_layers, *spec.style_layers, *extra], "random").double()
+    for segment, _ in extractor._segments:
+        segment.strip_rows = strip_rows
+    assert any(s.tileable for s, _ in extractor._segments) == (name != "resnet18")
+    image = torch.rand(1, 3, 61, 70, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = []
+    for checkpoint in (False, True):
+        x = image.clone().requires_grad_(True)
+        feats = extractor(x, checkpoint_segments=checkpoint)
+        loss = sum((k + 1) * (feats[layer] ** 2).mean() for k, layer in enumerate(sorted(feats)))
+        assert isinstance(loss, torch.Tensor)
+        loss.backward()
+        assert x.grad is not None
+        out.append(({k: v.detach() for k, v in feats.items()}, x.grad))
+    (plain, g_plain), (ckpt, g_ckpt) = out
+    assert plain.keys() == ckpt.keys()
+    for layer in plain:
+        torch.testing.assert_close(ckpt[layer], plain[layer], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-10, atol=1e-10 * float(g_plain.abs().max()))
+
+
+def test_checkpointing_is_skipped_without_gradients() -> None:
+    extractor = build_extractor(get_spec("vgg16"), ["relu2_2"], "random")
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(extractor(x, checkpoint_segments=True)["relu2_2"], extractor(x)["relu2_2"])

@@ -65,3 +65,16 @@ def test_losses_are_differentiable() -> None:
     total = losses.tv_loss(x) + losses.content_loss(x, torch.zeros_like(x)) + losses.range_penalty(x * 3)
     total.backward()
     assert x.grad is not None and math.isfinite(float(x.grad.abs().sum()))
+
+
+def test_low_memory_gram_equals_gram_in_value_and_gradient() -> None:
+    feats = torch.randn(2, 5, 7, 6)
+    weights = torch.randn(2, 5, 5)
+    out = []
+    for fn in (losses.gram_matrix, losses.gram_matrix_low_memory):
+        x = feats.clone().requires_grad_(True)
+        g = fn(x)
+        (g * weights).sum().backward()
+        out.append((g.detach(), x.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-6)  # float32 rounding only
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-6)

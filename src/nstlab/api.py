@@ -25,10 +25,10 @@ from torch import Tensor
 
 from nstlab import images
 from nstlab.config import StylizeConfig
-from nstlab.engine import EngineResult, Progress, optimize
-from nstlab.errors import ConfigError, DeviceError, NonFiniteLossError, StylizeInterrupted
+from nstlab.engine import EngineResult, Progress, optimize, resolve_checkpoint
+from nstlab.errors import ConfigError, DeviceError, NonFiniteLossError, ResourceError, StylizeInterrupted
 from nstlab.features import FeatureExtractor, build_extractor, get_spec
-from nstlab.memory import peak_bytes, reset_peak
+from nstlab.memory import lbfgs_state_bytes, peak_bytes, reset_peak, total_bytes
 
 ImageInput = str | os.PathLike[str] | Image.Image
 RANDOM_WEIGHTS_WARNING = (
@@ -198,7 +198,29 @@ def _setup(
         cfg = cfg.replace(**overrides)
     device = resolve_device(cfg.device)
     inputs = prepare_inputs(content, style, cfg)
+    check_optimizer_memory(cfg, device, inputs[2].size)
     return cfg, device, inputs, get_extractor(cfg, device)
+
+
+def check_optimizer_memory(cfg: StylizeConfig, device: torch.device, size: tuple[int, int]) -> None:
+    """Refuse up front (ResourceError) a run whose L-BFGS state alone would take most of the device's
+    memory: at 4096 x 3072 px the default 100 curvature pairs are ~30 GiB, and running out of memory part
+    way through kills the process without a word."""
+    if cfg.optimizer != "lbfgs":
+        return
+    pixels = size[0] * size[1]
+    need = lbfgs_state_bytes(pixels, cfg.lbfgs_history, cfg.iterations)
+    total = total_bytes(device)
+    if total is None or need <= 0.8 * total:
+        return
+    vector = 3 * pixels * 4
+    fits = max(1, int((0.25 * total / vector - 4) // 2))  # a history whose state is <= 1/4 of the memory
+    raise ResourceError(
+        f"L-BFGS with --lbfgs-history {cfg.lbfgs_history} keeps {need / 2**30:.1f} GiB of curvature pairs "
+        f"at {size[0]}x{size[1]} px, more than this {device.type} device's {total / 2**30:.0f} GiB allows; "
+        f"pass --lbfgs-history {fits} ({lbfgs_state_bytes(pixels, fits, cfg.iterations) / 2**30:.1f} GiB), "
+        "a smaller --size, or --optimizer adam"
+    )
 
 
 def stylize(
@@ -241,6 +263,7 @@ def stylize(
                 "started": started.isoformat(timespec="seconds"),
                 "stop_reason": res.stop_reason,
                 "precision": res.precision,
+                "checkpoint": res.checkpoint,
                 "evaluations": res.evaluations,
                 "optimizer_steps": res.steps,
                 "wall_time_s": round(res.wall_time_s, 4),
@@ -332,6 +355,7 @@ class Estimate:
     total_seconds: float
     probes: list[dict[str, float]]
     memory_kind: str
+    checkpoint: bool = False
 
     def describe(self) -> str:
         gib = self.peak_memory_bytes / 2**30
@@ -339,7 +363,8 @@ class Estimate:
         return (
             f"estimate: peak memory ~{gib:.2f} GiB ({self.memory_kind}), "
             f"~{self.seconds_per_evaluation:.3g} s per iteration, ~{self.total_seconds / 60:.1f} min in all "
-            f"(extrapolated linearly in pixel count from probes at {sizes} px)"
+            f"(extrapolated linearly in pixel count from probes at {sizes} px"
+            f"{', activation checkpointing on' if self.checkpoint else ''})"
         )
 
 
@@ -357,6 +382,9 @@ def estimate(
     cfg, device, (cin, sin, c_img, s_img), extractor = _setup(content, style, config, overrides)
     minimum = get_spec(cfg.extractor).min_side(_layers(cfg))
     target_px = c_img.size[0] * c_img.size[1]
+    # The probes run in the memory mode the full-size run will use (checkpointing switches by size).
+    mode = "on" if resolve_checkpoint(cfg.checkpoint, target_px) else "off"
+    probe_cfg = cfg.replace(iterations=3, scales=(1.0,), scale_iterations=(), checkpoint=mode)
     probes: list[dict[str, float]] = []
     for fraction in (0.25, 0.5):  # of the long side: 1/16 and 1/4 of the pixels
         long_side = max(round(cfg.size * fraction), 2 * minimum)
@@ -364,7 +392,7 @@ def estimate(
         s = images.to_tensor(images.resize_long_side(s_img, long_side)).to(device)
         reset_peak(device)
         before = current_bytes(device)
-        res = optimize(extractor, c, s, cfg.replace(iterations=3, scales=(1.0,), scale_iterations=()))
+        res = optimize(extractor, c, s, probe_cfg)
         peak, kind = peak_bytes(device)
         probes.append(
             {
@@ -387,8 +415,13 @@ def estimate(
     )
     total = per_eval * (cfg.iterations + coarse_px / target_px)
     peak_total = int(p2["resident_bytes"] + extrapolate("activation_bytes"))
+    if cfg.optimizer == "lbfgs":
+        # A 3-evaluation probe holds 2 curvature pairs; the real run holds up to lbfgs_history of them.
+        peak_total += lbfgs_state_bytes(target_px, cfg.lbfgs_history, cfg.iterations) - lbfgs_state_bytes(
+            int(p2["pixels"]), cfg.lbfgs_history, 3
+        )
     del cin, sin
-    return Estimate(peak_total, per_eval, total, probes, kind)
+    return Estimate(peak_total, per_eval, total, probes, kind, mode == "on")
 
 
 __all__ = [

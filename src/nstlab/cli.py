@@ -14,7 +14,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from nstlab.config import INITS, LOSS_TERMS, OPTIMIZERS, PRECISIONS, PRESETS, StylizeConfig
+from nstlab.config import (
+    CHECKPOINT_MODES,
+    INITS,
+    LOSS_TERMS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRESETS,
+    StylizeConfig,
+)
 from nstlab.errors import ConfigError, InputError, NonFiniteLossError, NstlabError, StylizeInterrupted
 from nstlab.features import EXTRACTORS
 
@@ -91,6 +99,18 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         help="extractor precision; Grams, losses and the image stay fp32 (default: %(default)s = fp32)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        choices=CHECKPOINT_MODES,
+        help="activation checkpointing: a fraction of the memory for ~1.5x the time, same result "
+        "(default: %(default)s = on above 2048x2048 px)",
+    )
+    g.add_argument(
+        "--lbfgs-history",
+        type=int,
+        metavar="N",
+        help="L-BFGS curvature pairs kept, 2 image-sized vectors each (default: %(default)s)",
     )
     p.set_defaults(**{f.name: _default(f.name) for f in dataclasses.fields(StylizeConfig)})
 

@@ -25,6 +25,9 @@ LOSS_TERMS = ("content", "style", "tv")
 # Precision of the extractor's convolutions (autocast); Gram matrices, losses, the image and the optimiser
 # state always stay fp32. "auto" means fp32 until a parity benchmark shows bf16 equivalent (see engine).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Activation checkpointing: recompute activations in backward instead of keeping them (same result up to
+# float rounding, ~1.5x the time, a fraction of the memory). "auto" turns it on above 2048 x 2048 pixels.
+CHECKPOINT_MODES = ("auto", "on", "off")
 # lambda_tv is not given by the report (it only says TV was added). 1e2 on our TV definition (mean of squared
 # neighbour differences, see losses.tv_loss) makes TV a light smoothness prior next to lambda_style = 1e6
 # with size-normalised Gram matrices; it is a documented choice, overridable with --tv-weight.
@@ -59,6 +62,10 @@ class StylizeConfig:
     # ``iterations`` are then spent at full size. The default (1.0,) is the report's single-scale method.
     scales: tuple[float, ...] = (1.0,)
     scale_iterations: tuple[int, ...] = ()
+    checkpoint: str = "auto"  # "auto" | "on" | "off": activation checkpointing (see CHECKPOINT_MODES)
+    # L-BFGS keeps this many curvature pairs, each two image-sized vectors: 100 (torch's default) costs
+    # 2 * 100 * 4 bytes per pixel and channel, ~30 GiB at 4096 x 3072; lower it for very large images.
+    lbfgs_history: int = 100
 
     def __post_init__(self) -> None:
         spec = get_spec(self.extractor)
@@ -112,6 +119,9 @@ class StylizeConfig:
             )
         for n in self.scale_iterations:
             _check_int("scale_iterations", n, 1)
+        if self.checkpoint not in CHECKPOINT_MODES:
+            raise choice_error("checkpoint", self.checkpoint, CHECKPOINT_MODES)
+        _check_int("lbfgs_history", self.lbfgs_history, 1)
         if self.precision not in PRECISIONS:
             raise choice_error("precision", self.precision, PRECISIONS)
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

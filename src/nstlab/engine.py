@@ -19,6 +19,7 @@ run is therefore exactly the image a k-evaluation run returns.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Collection
@@ -45,6 +46,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     ``precision="bf16"``."""
     del device  # the rule does not depend on the device yet; kept so a measured rule can use it
     return "fp32" if precision == "auto" else precision
+
+
+def resolve_checkpoint(setting: str, pixels: int) -> bool:
+    """Whether activation checkpointing runs: "on", "off", or "auto" = on above CHECKPOINT_AUTO_PIXELS.
+    It gives the same result up to float rounding (tests/test_engine.py), so "auto" may switch it by size."""
+    return setting == "on" or (setting == "auto" and pixels > CHECKPOINT_AUTO_PIXELS)
+
+
+# Above 2048 x 2048 pixels the whole-network activations of VGG-19 reach ~10 GiB (1.8 GiB growth measured
+# at 1024 x 768, linear in pixels); from there on, recomputing costs (~1.5x per evaluation) less than the
+# memory most machines lack. benchmarks/README.md has the measurements.
+CHECKPOINT_AUTO_PIXELS = 2048 * 2048
 
 
 # mu above. Large enough that a pixel pushed out of [0, 1] is pulled back within a few steps, small enough
@@ -75,6 +88,7 @@ class EngineResult:
     optimizer: dict[str, Any]
     precision: str = "fp32"
     snapshots: dict[int, Tensor] = field(default_factory=dict)
+    checkpoint: bool = False
 
 
 class _BudgetSpent(Exception):
@@ -96,6 +110,7 @@ class Objective:
         cfg = cfg.resolved()
         self.precision = resolve_precision(cfg.precision, content.device)
         self.autocast_dtype = _DTYPES.get(self.precision)
+        self.checkpoint = resolve_checkpoint(cfg.checkpoint, content.shape[-2] * content.shape[-1])
         assert cfg.content_layers is not None and cfg.style_layers is not None
         assert cfg.style_layer_weights is not None
         self.extractor = extractor
@@ -112,29 +127,47 @@ class Objective:
             self.content_targets = {k: content_feats[k].detach().float().clone() for k in self.content_layers}
             self.style_targets = {k: losses.gram_matrix(style_feats[k]).clone() for k in self.style_weights}
 
-    def features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(
+        self, x: Tensor, on_feature: Callable[[str, Tensor], None] | None = None
+    ) -> dict[str, Tensor]:
         """Extractor activations, under autocast when a reduced precision is selected (convolutions only:
-        gram_matrix and the losses upcast to fp32)."""
-        if self.autocast_dtype is None:
-            feats: dict[str, Tensor] = self.extractor(x)
-            return feats
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
-            feats = self.extractor(x)
+        gram_matrix and the losses upcast to fp32); checkpointed when ``self.checkpoint``."""
+        region = (
+            contextlib.nullcontext()
+            if self.autocast_dtype is None
+            else torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+        )
+        with region:
+            feats: dict[str, Tensor] = self.extractor(
+                x, checkpoint_segments=self.checkpoint, on_feature=on_feature
+            )
         return feats
 
     def terms(self, param: Tensor) -> dict[str, Tensor]:
         x = param.clamp(0.0, 1.0)
         out: dict[str, Tensor] = {}
+        content_parts: list[Tensor] = []
+        grams: dict[str, Tensor] = {}
+
+        def layer_losses(name: str, feature: Tensor) -> None:
+            # Checkpointed pass: each layer's loss is built as soon as its activation exists (see
+            # FeatureExtractor.forward), with the Gram whose backward needs the least memory.
+            if name in self.content_layers:
+                content_parts.append(losses.content_loss(feature, self.content_targets[name]))
+            if name in self.style_weights:
+                grams[name] = losses.gram_matrix_low_memory(feature)
+
         if self.content_layers or self.style_weights:
-            feats = self.features(x)
+            feats = self.features(x, layer_losses if self.checkpoint else None)
+            if not self.checkpoint:
+                content_parts = [
+                    losses.content_loss(feats[k], self.content_targets[k]) for k in self.content_layers
+                ]
+                grams = {k: losses.gram_matrix(feats[k]) for k in self.style_weights}
+            del feats
         if self.content_layers:
-            c = sum(
-                (losses.content_loss(feats[k], self.content_targets[k]) for k in self.content_layers),
-                torch.zeros((), device=x.device),
-            )
-            out["content"] = self.cfg.content_weight * c
+            out["content"] = self.cfg.content_weight * sum(content_parts, torch.zeros((), device=x.device))
         if self.style_weights:
-            grams = {k: losses.gram_matrix(feats[k]) for k in self.style_weights}
             out["style"] = self.cfg.style_weight * losses.style_loss(
                 grams, self.style_targets, self.style_weights
             )
@@ -179,7 +212,7 @@ def optimize(
     # A contiguous NCHW leaf: L-BFGS flattens gradients with .view(-1), which fails on other layouts.
     start_image = initial_image(cfg, content, style) if init is None else init.detach().clone()
     param = start_image.contiguous().requires_grad_(True)
-    opt = make_optimizer(cfg.optimizer, param, cfg.lr)
+    opt = make_optimizer(cfg.optimizer, param, cfg.lr, cfg.lbfgs_history)
     budget = cfg.iterations
     snapshots_wanted = set(snapshot_at)
     trace: list[dict[str, float]] = []
@@ -235,6 +268,7 @@ def optimize(
             optimizer_settings(opt),
             objective.precision,
             snapshots,
+            objective.checkpoint,
         )
 
     reason = "budget"

@@ -34,6 +34,10 @@ class DeviceError(InputError):
     """The requested device is not available."""
 
 
+class ResourceError(InputError):
+    """The requested run cannot fit this machine (e.g. the optimiser state alone exceeds its memory)."""
+
+
 class NonFiniteLossError(NstlabError):
     """The loss became NaN or infinite; ``result`` holds the last finite image and the trace so far."""
 

@@ -16,6 +16,7 @@ Gram matrices and losses are always computed in float32.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +27,31 @@ def gram_matrix(features: Tensor) -> Tensor:
     n, c, h, w = features.shape
     f = features.float().reshape(n, c, h * w)
     return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+
+
+class _LowMemoryGram(torch.autograd.Function):
+    """F F^T / norm whose backward is one product: d/dF sum(g * F F^T) = (g + g^T) F. torch's bmm backward
+    makes two full-size products (g F and g^T F) and their sum: three tensors the size of F at once."""
+
+    @staticmethod
+    def forward(ctx: Any, f: Tensor, norm: float) -> Tensor:
+        ctx.save_for_backward(f)
+        ctx.norm = norm
+        return torch.bmm(f, f.transpose(1, 2)) / norm
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (f,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), f) / ctx.norm, None
+
+
+def gram_matrix_low_memory(features: Tensor) -> Tensor:
+    """The same value and gradient as :func:`gram_matrix` (up to float rounding), with a backward pass
+    that needs one feature-sized tensor instead of three; used with activation checkpointing."""
+    n, c, h, w = features.shape
+    f = features.float().reshape(n, c, h * w)
+    out: Tensor = _LowMemoryGram.apply(f, float(c * h * w))
+    return out
 
 
 def content_loss(features: Tensor, target: Tensor) -> Tensor:

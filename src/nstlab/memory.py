@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -36,6 +37,23 @@ def peak_bytes(device: torch.device) -> tuple[int, str]:
         pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "process_peak_rss_since_start"
+
+
+def total_bytes(device: torch.device) -> int | None:
+    """Physical memory of the device (the GPU's, or the machine's RAM); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def lbfgs_state_bytes(pixels: int, history: int, iterations: int) -> int:
+    """L-BFGS's own memory for an RGB image: ``min(history, iterations)`` curvature pairs (s, y), two
+    image-sized fp32 vectors each, plus ~4 more (direction, previous gradient, flat gradient, a copy)."""
+    vector = 3 * pixels * 4
+    return (2 * min(history, iterations) + 4) * vector
 
 
 def current_bytes(device: torch.device) -> int:

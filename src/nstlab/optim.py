@@ -14,10 +14,12 @@ LBFGS_MAX_ITER = 20
 LBFGS_HISTORY = 100
 
 
-def make_optimizer(name: str, param: Tensor, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, param: Tensor, lr: float, history: int = LBFGS_HISTORY
+) -> torch.optim.Optimizer:
     if name == "lbfgs":
         return torch.optim.LBFGS(
-            [param], lr=lr, max_iter=LBFGS_MAX_ITER, history_size=LBFGS_HISTORY, line_search_fn=None
+            [param], lr=lr, max_iter=LBFGS_MAX_ITER, history_size=history, line_search_fn=None
         )
     if name == "adam":
         return torch.optim.Adam([param], lr=lr)

@@ -18,6 +18,7 @@ from urllib.error import URLError
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from nstlab.errors import WeightsError, choice_error
 
@@ -38,7 +39,9 @@ class ExtractorSpec:
     display: str
     build: Callable[[], nn.Module]  # the torchvision model with random init (weights=None)
     weights_enum: Callable[[], Any]  # the torchvision weights enum member used by default
-    layer_nodes: Callable[[nn.Module], dict[str, str]]  # layer name -> torch.fx node name
+    # layer name -> torch.fx node name, for every module of the model's top-level chain in execution order
+    # (both families are a chain of modules whose outputs are the named layers; checkpointing relies on it)
+    layer_nodes: Callable[[nn.Module], dict[str, str]]
     strides: Callable[[str], int]  # layer name -> total downsampling factor at that layer
     content_layers: tuple[str, ...]
     style_layers: tuple[str, ...]
@@ -119,15 +122,200 @@ class FeatureExtractor(nn.Module):
         self.weights = weights
         nodes = spec.layer_nodes(model)
         model.eval()
+        _no_inplace_after(model, nodes, self.layers)
         self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
         # The graph module keeps only the submodules the requested nodes depend on: this is the truncation.
         self.body = create_feature_extractor(model, return_nodes={nodes[name]: name for name in self.layers})
+        # The same modules as a chain cut into segments that each end at a requested layer or a pooling,
+        # for activation checkpointing (see forward).
+        node_to_layer = {node: name for name, node in nodes.items() if name in self.layers}
+        chain = list(nodes.values())
+        chain = chain[: max(chain.index(nodes[name]) for name in self.layers) + 1]
+        self._segments: list[tuple[_Segment, str | None]] = []
+        current: list[nn.Module] = []
+        for node in chain:
+            # From the model, not the graph module: fx keeps leaf modules only (ResNet's layer1 would be an
+            # empty container there); the leaves are the same objects, so weights and devices are shared.
+            module = model.get_submodule(node)
+            current.append(module)
+            if node in node_to_layer or isinstance(module, nn.MaxPool2d):
+                self._segments.append((_Segment(current), node_to_layer.get(node)))
+                current = []
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = self.body(self.normalize(x))
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        checkpoint_segments: bool = False,
+        on_feature: Callable[[str, Tensor], None] | None = None,
+    ) -> dict[str, Tensor]:
+        """Activations of the requested layers.
+
+        ``checkpoint_segments=True`` is activation checkpointing: the forward pass keeps only the outputs
+        of the requested layers and poolings; backward recomputes each segment's inner activations. VGG's
+        segments (3x3 convolutions, ReLUs, 2x2 poolings) are moreover computed in horizontal strips with a
+        halo, in the forward pass and in the recomputation, so no full-resolution intermediate exists
+        besides the segment outputs. The values and gradients are those of the plain pass (up to float
+        rounding: a strip may use other convolution kernels) for about one extra forward pass of time;
+        memory is a few full-resolution tensors instead of the whole network's activations, which is what
+        lets a 4096 px VGG-19 stylisation run in 24 GiB on a CPU.
+
+        ``on_feature(name, activation)`` is called as each requested layer is computed (checkpointed pass
+        only). Losses built there are created between the segments, so backward consumes each layer's
+        loss gradient just before that layer's segment instead of holding all of them at once.
+        """
+        x = self.normalize(x)
+        if not checkpoint_segments or not torch.is_grad_enabled():
+            out: dict[str, Tensor] = self.body(x)
+            return out
+        feats: dict[str, Tensor] = {}
+        for segment, name in self._segments:
+            x = segment(x)
+            if name is not None:
+                feats[name] = x
+                if on_feature is not None:
+                    on_feature(name, x)
+        return {name: feats[name] for name in self.layers}
+
+
+# Rows per strip are chosen so that one strip of the widest activation in a segment holds about this many
+# bytes: small enough to be a rounding error next to the full-resolution tensors, large enough that the
+# convolutions stay efficient and the halo rows (2 per convolution) are a small overhead.
+STRIP_BYTES = 64 * 2**20
+
+
+class _Segment:
+    """A run of consecutive modules computed under activation checkpointing (see FeatureExtractor)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.strip_rows: int | None = None  # tests set a small value to force many strips
+        # Strip tiling applies to chains of 3x3/stride 1/padding 1 convolutions and ReLUs, optionally
+        # ending in one 2x2/stride 2 max-pooling: there each output row depends on a known band of input
+        # rows, and zero padding happens only at the true image border.
+        convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+        pool = modules[-1] if isinstance(modules[-1], nn.MaxPool2d) else None
+        self.tileable = all(_is_same_conv(m) or isinstance(m, nn.ReLU) for m in modules[:-1]) and (
+            _is_same_conv(modules[-1]) or isinstance(modules[-1], nn.ReLU) or _is_half_pool(modules[-1])
+        )
+        self.halo = len(convs)  # one row per 3x3 convolution on each side
+        self.stride = 2 if pool is not None else 1
+        self.channels = max([m.out_channels for m in convs] or [0])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.tileable:
+            # Non-reentrant checkpointing works with autocast and with inputs that need no gradient;
+            # there is no RNG state to preserve (no dropout in a truncated extractor).
+            out: Tensor = checkpoint(self.run, x, use_reentrant=False, preserve_rng_state=False)
+            return out
+        result: Tensor = _StripCheckpoint.apply(x, self)
+        return result
+
+    def run(self, x: Tensor) -> Tensor:
+        for module in self.modules:
+            x = module(x)
+        return x
+
+    def plan(self, x: Tensor) -> list[tuple[int, int, int, int]]:
+        """(a, b, lo, hi): output rows [a, b) are computed from input rows [lo, hi)."""
+        height, width = x.shape[-2], x.shape[-1]
+        out_h = height // self.stride
+        if self.strip_rows is not None:
+            rows = self.strip_rows
+        else:
+            per_row = max(self.channels, x.shape[1]) * width * 4 * self.stride
+            rows = max(8, STRIP_BYTES // max(per_row, 1))
+        out = []
+        for a in range(0, out_h, rows):
+            b = min(out_h, a + rows)
+            lo = max(0, a * self.stride - self.halo)
+            hi = min(height, b * self.stride + self.halo)
+            out.append((a, b, lo, hi))
         return out
+
+    def strip(self, xs: Tensor, a: int, b: int, lo: int) -> Tensor:
+        """Output rows [a, b) from the input band xs (rows lo.. of the input)."""
+        y = xs
+        for module in self.modules:
+            if isinstance(module, nn.MaxPool2d):
+                # Drop the halo rows (wrong at a cut, as if zero padded) before pooling; 2a is even, so
+                # the pooling windows line up with those of the whole image.
+                y = y[..., a * 2 - lo : b * 2 - lo, :]
+            y = module(y)
+        if self.stride == 1:
+            y = y[..., a - lo : b - lo, :]
+        return y
+
+
+def _is_same_conv(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.kernel_size == (3, 3)
+        and m.stride == (1, 1)
+        and m.padding == (1, 1)
+        and m.dilation == (1, 1)
+        and m.padding_mode == "zeros"
+    )
+
+
+def _is_half_pool(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.MaxPool2d)
+        and m.kernel_size in (2, (2, 2))
+        and m.stride in (2, (2, 2))
+        and m.padding in (0, (0, 0))
+        and m.dilation in (1, (1, 1))
+        and not m.ceil_mode
+    )
+
+
+class _StripCheckpoint(torch.autograd.Function):
+    """A tileable segment, computed strip by strip; backward recomputes one strip at a time and writes its
+    input gradient into one preallocated buffer (slicing under autograd would allocate a full-size zero
+    gradient per strip)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, segment: _Segment) -> Tensor:
+        ctx.segment = segment
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.save_for_backward(x)
+        out: Tensor | None = None
+        for a, b, lo, hi in segment.plan(x):
+            ys = segment.strip(x[..., lo:hi, :], a, b, lo)
+            if out is None:
+                out = ys.new_empty((*ys.shape[:-2], x.shape[-2] // segment.stride, ys.shape[-1]))
+            out[..., a:b, :] = ys
+        assert out is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        segment: _Segment = ctx.segment
+        enabled, dtype = ctx.autocast
+        grad_in = torch.zeros_like(x)
+        for a, b, lo, hi in segment.plan(x):
+            xs = x[..., lo:hi, :].detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+                ys = segment.strip(xs, a, b, lo)
+            (g,) = torch.autograd.grad(ys, xs, grad_out[..., a:b, :])
+            grad_in[..., lo:hi, :] += g
+        return grad_in, None
+
+
+def _no_inplace_after(model: nn.Module, nodes: dict[str, str], layers: Sequence[str]) -> None:
+    """An in-place ReLU right after a requested layer (e.g. VGG's conv4_2 -> relu4_2) would overwrite that
+    layer's returned activation; make just those ReLUs out of place (the others keep saving memory)."""
+    chain = list(nodes.values())
+    wanted = {nodes[name] for name in layers}
+    for node, following in zip(chain, chain[1:], strict=False):
+        module = model.get_submodule(following)
+        if node in wanted and isinstance(module, nn.ReLU) and module.inplace:
+            module.inplace = False
 
 
 # --- weights -------------------------------------------------------------------------------------------

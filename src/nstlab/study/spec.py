@@ -42,8 +42,12 @@ TOP_KEYS = ("name", "description", "pairs", "pair_names", "base", "axes", "refer
 REFERENCE_KEYS = ("maker", "alpha", "content_size", "style_size", "adain_weights", "reference_dir")
 METRIC_NAMES = ("mse", "rmse", "psnr", "ssim", "content", "style", "lpips")
 DEFAULT_METRICS = ("rmse", "psnr", "ssim")
-# Fields that never change what a job computes (where it runs is recorded, not hashed).
-NOT_IN_IDENTITY = ("device",)
+# Fields that never change what a job computes (where and how it runs is recorded, not hashed).
+# checkpoint: the same values and gradients up to float rounding, like a change of device.
+NOT_IN_IDENTITY = ("device", "checkpoint")
+# Fields added after ALGORITHM_VERSION 1, with the value that computes what older versions computed. At
+# that value a field is left out of the hash, so adding it does not orphan finished results.
+IDENTITY_NEUTRAL: dict[str, Any] = {"lbfgs_history": 100}
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,11 @@ class Study:
 
 def identity(cfg: StylizeConfig, pair: Pair, *, with_iterations: bool = True) -> str:
     """A stable id: hash of the resolved config and the *content* of the two input files (not their paths)."""
-    data = {k: v for k, v in cfg.resolved().to_dict().items() if k not in NOT_IN_IDENTITY}
+    data = {
+        k: v
+        for k, v in cfg.resolved().to_dict().items()
+        if k not in NOT_IN_IDENTITY and not (k in IDENTITY_NEUTRAL and v == IDENTITY_NEUTRAL[k])
+    }
     if not with_iterations:
         data.pop("iterations")
     payload = {
