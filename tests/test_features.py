@@ -288,8 +288,15 @@ def test_checkpointed_pass_equals_plain_pass(name: str, strip_rows: int | None) 
     torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-10, atol=1e-10 * float(g_plain.abs().max()))
 
 
-def test_checkpointing_is_skipped_without_gradients() -> None:
-    extractor = build_extractor(get_spec("vgg16"), ["relu2_2"], "random")
-    x = torch.rand(1, 3, 32, 32)
+def test_segmented_forward_without_gradients_streams_layers() -> None:
+    # The targets' pass: strip-wise without gradients, each layer handed to on_feature as it is made;
+    # keep=False returns nothing (so no activation outlives its use).
+    extractor = build_extractor(get_spec("vgg16"), ["relu1_2", "relu2_2"], "random").double()
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    seen: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        assert torch.equal(extractor(x, checkpoint_segments=True)["relu2_2"], extractor(x)["relu2_2"])
+        plain = extractor(x)
+        assert extractor(x, checkpoint_segments=True, on_feature=seen.__setitem__, keep=False) == {}
+    assert list(seen) == ["relu1_2", "relu2_2"]
+    for layer in seen:
+        torch.testing.assert_close(seen[layer], plain[layer], rtol=1e-10, atol=1e-12)

@@ -6,6 +6,7 @@ caching) extractors, and writing outputs with their run records.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -13,7 +14,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,9 +278,11 @@ def stylize(
         return Result(res.image, resolved, res, record)
 
     coarse: list[dict[str, Any]] = []
+    backend: dict[str, bool] = {}
 
     def finish(res: EngineResult) -> Result:
         result = _finish(res)
+        result.record["run"].update(backend)
         if coarse:
             result.record["run"]["coarse_scales"] = coarse
             result.record["run"]["total_evaluations"] = res.evaluations + sum(
@@ -288,8 +291,10 @@ def stylize(
         return result
 
     try:
-        init = _coarse_to_fine(extractor, c_img, s_img, cfg, device, coarse)
-        res = optimize(extractor, c, s, cfg, on_step=on_step, snapshot_at=snapshot_at, init=init)
+        with cuda_backend_flags(cfg, device) as flags:
+            backend.update(flags)
+            init = _coarse_to_fine(extractor, c_img, s_img, cfg, device, coarse)
+            res = optimize(extractor, c, s, cfg, on_step=on_step, snapshot_at=snapshot_at, init=init)
     except NonFiniteLossError as exc:
         exc.result = finish(exc.result)
         raise
@@ -297,6 +302,27 @@ def stylize(
         exc.result = finish(exc.result)
         raise
     return finish(res)
+
+
+@contextlib.contextmanager
+def cuda_backend_flags(cfg: StylizeConfig, device: torch.device) -> Iterator[dict[str, bool]]:
+    """On CUDA: cudnn.benchmark (fastest kernels for the fixed image size), or with ``deterministic``
+    deterministic kernels instead; restored afterwards (the flags are process-wide). No-op elsewhere."""
+    if device.type != "cuda":
+        yield {}
+        return
+    cudnn = torch.backends.cudnn
+    old = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    if cfg.deterministic:
+        # cuBLAS needs this to be deterministic; it must be set before its first use in the process.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn.benchmark, cudnn.deterministic = not cfg.deterministic, cfg.deterministic
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    try:
+        yield {"cudnn_benchmark": not cfg.deterministic, "deterministic_algorithms": cfg.deterministic}
+    finally:
+        cudnn.benchmark, cudnn.deterministic = old[0], old[1]
+        torch.use_deterministic_algorithms(old[2])
 
 
 def _coarse_to_fine(

@@ -112,6 +112,16 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="L-BFGS curvature pairs kept, 2 image-sized vectors each (default: %(default)s)",
     )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the extractor: slow start, faster evaluations on long runs (default: off)",
+    )
+    g.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        help="CUDA: deterministic kernels, no cudnn.benchmark (same seed -> same pixels; default: off)",
+    )
     p.set_defaults(**{f.name: _default(f.name) for f in dataclasses.fields(StylizeConfig)})
 
 

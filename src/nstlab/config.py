@@ -66,6 +66,13 @@ class StylizeConfig:
     # L-BFGS keeps this many curvature pairs, each two image-sized vectors: 100 (torch's default) costs
     # 2 * 100 * 4 bytes per pixel and channel, ~30 GiB at 4096 x 3072; lower it for very large images.
     lbfgs_history: int = 100
+    # torch.compile the extractor: opt-in, it costs tens of seconds of compilation up front and pays off
+    # only on long runs (benchmarks/README.md). Results equal eager mode up to float rounding.
+    compile: bool = False
+    # CUDA only: cuDNN picks the fastest convolution algorithms by benchmarking them (cudnn.benchmark),
+    # which may differ from run to run; deterministic=True turns that off and asks for deterministic
+    # kernels, so that the same seed on the same GPU gives the same pixels. CPU runs are deterministic.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         spec = get_spec(self.extractor)
@@ -122,6 +129,9 @@ class StylizeConfig:
         if self.checkpoint not in CHECKPOINT_MODES:
             raise choice_error("checkpoint", self.checkpoint, CHECKPOINT_MODES)
         _check_int("lbfgs_history", self.lbfgs_history, 1)
+        for name in ("compile", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise choice_error("precision", self.precision, PRECISIONS)
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

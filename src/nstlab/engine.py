@@ -20,6 +20,7 @@ run is therefore exactly the image a k-evaluation run returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Collection
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from nstlab import losses
 from nstlab.config import StylizeConfig
-from nstlab.errors import NonFiniteLossError, StylizeInterrupted
+from nstlab.errors import CompileError, ConfigError, NonFiniteLossError, StylizeInterrupted
 from nstlab.features import FeatureExtractor
 from nstlab.optim import make_optimizer, optimizer_settings
 
@@ -111,6 +112,15 @@ class Objective:
         self.precision = resolve_precision(cfg.precision, content.device)
         self.autocast_dtype = _DTYPES.get(self.precision)
         self.checkpoint = resolve_checkpoint(cfg.checkpoint, content.shape[-2] * content.shape[-1])
+        if cfg.compile and self.checkpoint:
+            raise ConfigError(
+                "compile does not combine with activation checkpointing, which checkpoint=auto turns on "
+                f"above {CHECKPOINT_AUTO_PIXELS} pixels; pass --checkpoint off or leave out --compile"
+            )
+        self.compiled = cfg.compile
+        self._extract: Callable[[Tensor], dict[str, Tensor]] = (
+            _compiled(extractor) if cfg.compile else extractor
+        )
         assert cfg.content_layers is not None and cfg.style_layers is not None
         assert cfg.style_layer_weights is not None
         self.extractor = extractor
@@ -120,15 +130,35 @@ class Objective:
         self.style_weights = dict(zip(cfg.style_layers, cfg.style_layer_weights, strict=True))
         if "style" not in self.use:
             self.style_weights = {}
+        # clone(): targets must be ordinary fp32 tensors, detached from anything that could be reused.
+        # One image at a time, each layer reduced to its target as soon as it is computed: at 4096 px the
+        # content image's relu1_1 alone is 3 GiB, and must not be alive while the style image runs.
+        self.content_targets: dict[str, Tensor] = {}
+        self.style_targets: dict[str, Tensor] = {}
+
+        def content_target(name: str, feature: Tensor) -> None:
+            if name in self.content_layers:
+                self.content_targets[name] = feature.detach().float().clone()
+
+        def style_target(name: str, feature: Tensor) -> None:
+            if name in self.style_weights:
+                self.style_targets[name] = losses.gram_matrix(feature).detach().clone()
+
         with torch.no_grad():
-            content_feats = self.features(content) if self.content_layers else {}
-            style_feats = self.features(style) if self.style_weights else {}
-            # clone(): targets must be ordinary fp32 tensors, detached from anything that could be reused.
-            self.content_targets = {k: content_feats[k].detach().float().clone() for k in self.content_layers}
-            self.style_targets = {k: losses.gram_matrix(style_feats[k]).clone() for k in self.style_weights}
+            for image, wanted, target in (
+                (content, self.content_layers, content_target),
+                (style, self.style_weights, style_target),
+            ):
+                if not wanted:
+                    continue
+                if self.checkpoint:
+                    self.features(image, target, keep=False)
+                else:
+                    for name, feature in self.features(image).items():
+                        target(name, feature)
 
     def features(
-        self, x: Tensor, on_feature: Callable[[str, Tensor], None] | None = None
+        self, x: Tensor, on_feature: Callable[[str, Tensor], None] | None = None, keep: bool = True
     ) -> dict[str, Tensor]:
         """Extractor activations, under autocast when a reduced precision is selected (convolutions only:
         gram_matrix and the losses upcast to fp32); checkpointed when ``self.checkpoint``."""
@@ -138,9 +168,17 @@ class Objective:
             else torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
         )
         with region:
-            feats: dict[str, Tensor] = self.extractor(
-                x, checkpoint_segments=self.checkpoint, on_feature=on_feature
-            )
+            if self.compiled:
+                try:
+                    feats: dict[str, Tensor] = self._extract(x)
+                except Exception as exc:  # noqa: BLE001 - any compiler failure: tell the user the way out
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    msg = f"torch.compile failed ({first[:300]}); run without --compile"
+                    raise CompileError(msg) from None
+            else:
+                feats = self.extractor(
+                    x, checkpoint_segments=self.checkpoint, on_feature=on_feature, keep=keep
+                )
         return feats
 
     def terms(self, param: Tensor) -> dict[str, Tensor]:
@@ -175,6 +213,13 @@ class Objective:
             out["tv"] = self.cfg.tv_weight * losses.tv_loss(x)
         out["range"] = RANGE_WEIGHT * losses.range_penalty(param)
         return out
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(extractor: FeatureExtractor) -> Callable[[Tensor], dict[str, Tensor]]:
+    # One compiled wrapper per extractor, so that runs after the first reuse its compiled graphs.
+    compiled: Callable[[Tensor], dict[str, Tensor]] = torch.compile(extractor)
+    return compiled
 
 
 def initial_image(cfg: StylizeConfig, content: Tensor, style: Tensor) -> Tensor:

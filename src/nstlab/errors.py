@@ -38,6 +38,10 @@ class ResourceError(InputError):
     """The requested run cannot fit this machine (e.g. the optimiser state alone exceeds its memory)."""
 
 
+class CompileError(NstlabError):
+    """torch.compile could not compile the extractor (no C++ compiler, an unsupported platform...)."""
+
+
 class NonFiniteLossError(NstlabError):
     """The loss became NaN or infinite; ``result`` holds the last finite image and the trace so far."""
 

@@ -43,8 +43,9 @@ REFERENCE_KEYS = ("maker", "alpha", "content_size", "style_size", "adain_weights
 METRIC_NAMES = ("mse", "rmse", "psnr", "ssim", "content", "style", "lpips")
 DEFAULT_METRICS = ("rmse", "psnr", "ssim")
 # Fields that never change what a job computes (where and how it runs is recorded, not hashed).
-# checkpoint: the same values and gradients up to float rounding, like a change of device.
-NOT_IN_IDENTITY = ("device", "checkpoint")
+# checkpoint, compile, deterministic: the same values and gradients up to float rounding, like a change
+# of device.
+NOT_IN_IDENTITY = ("device", "checkpoint", "compile", "deterministic")
 # Fields added after ALGORITHM_VERSION 1, with the value that computes what older versions computed. At
 # that value a field is left out of the hash, so adding it does not orphan finished results.
 IDENTITY_NEUTRAL: dict[str, Any] = {"lbfgs_history": 100}
