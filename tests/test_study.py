@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -310,7 +311,8 @@ def test_pool_executor(tmp_path: Path) -> None:
 def test_ray_executor_runs_a_smoke_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray")
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]')
+    # Adam and AdamW of a pair go as one batched task (--batch 2); L-BFGS alone.
+    path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam", "adamw"]')
     study = load_study(path, smoke=True)
     ray.init(
         num_cpus=2,
@@ -320,11 +322,14 @@ def test_ray_executor_runs_a_smoke_study(tmp_path: Path, monkeypatch: pytest.Mon
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT / "src")}},
     )
     try:
-        counts = run_study(study, RunOptions(executor="ray", device="cpu"), quiet=True)
+        counts = run_study(study, RunOptions(executor="ray", device="cpu", batch=2), quiet=True)
     finally:
         ray.shutdown()  # only our own cluster
-    assert counts["done"] == 4
+    assert counts["done"] == 6
     store = Store(store_path(study))
     rows = store.rows()
     store.close()
     assert all(r["attempts"] == 1 and r["metrics"]["ssim"] <= 1 for r in rows)
+    for r in rows:
+        record = json.loads((study.folder / r["record"]).read_text())
+        assert record["run"].get("batch_size") == (None if r["setting"].startswith("lbfgs") else 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from nstlab.api import InputImage, Result, stylize  # noqa: E402
+from nstlab.api import InputImage, Result, stylize, stylize_batch  # noqa: E402
 from nstlab.config import StylizeConfig  # noqa: E402
 from nstlab.engine import Progress  # noqa: E402
 from nstlab.errors import (  # noqa: E402
@@ -33,4 +33,5 @@ __all__ = [
     "WeightsError",
     "__version__",
     "stylize",
+    "stylize_batch",
 ]

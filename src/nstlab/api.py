@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,14 @@ from torch import Tensor
 from nstlab import images
 from nstlab.config import StylizeConfig
 from nstlab.engine import EngineResult, Progress, optimize, resolve_checkpoint
-from nstlab.errors import ConfigError, DeviceError, NonFiniteLossError, ResourceError, StylizeInterrupted
+from nstlab.errors import (
+    ConfigError,
+    DeviceError,
+    NonFiniteLossError,
+    NstlabError,
+    ResourceError,
+    StylizeInterrupted,
+)
 from nstlab.features import FeatureExtractor, build_extractor, get_spec
 from nstlab.memory import lbfgs_state_bytes, peak_bytes, reset_peak, total_bytes
 
@@ -247,35 +254,7 @@ def stylize(
     started = _dt.datetime.now(_dt.UTC)
 
     def _finish(res: EngineResult) -> Result:
-        peak, peak_kind = peak_bytes(device)
-        resolved = cfg.resolved()
-        record: dict[str, Any] = {
-            "nstlab_record": 1,
-            "random_weights": extractor.weights.random,
-            **({"warning": RANDOM_WEIGHTS_WARNING} if extractor.weights.random else {}),
-            "config": resolved.to_dict(),
-            "seed": cfg.seed,
-            "device": str(device),
-            "versions": versions(),
-            "weights": extractor.weights.as_dict(),
-            "inputs": {"content": cin.record(c_img.size), "style": sin.record(s_img.size)},
-            "optimizer": res.optimizer,
-            "run": {
-                "started": started.isoformat(timespec="seconds"),
-                "stop_reason": res.stop_reason,
-                "precision": res.precision,
-                "checkpoint": res.checkpoint,
-                "evaluations": res.evaluations,
-                "optimizer_steps": res.steps,
-                "wall_time_s": round(res.wall_time_s, 4),
-                "seconds_per_evaluation": round(res.wall_time_s / max(res.evaluations, 1), 5),
-                "peak_memory_bytes": peak,
-                "peak_memory_kind": peak_kind,
-            },
-            "final_losses": res.trace[-1] if res.trace else None,
-            "trace": res.trace,
-        }
-        return Result(res.image, resolved, res, record)
+        return _make_result(cfg, device, extractor, (cin, sin, c_img, s_img), res, started)
 
     coarse: list[dict[str, Any]] = []
     backend: dict[str, bool] = {}
@@ -302,6 +281,90 @@ def stylize(
         exc.result = finish(exc.result)
         raise
     return finish(res)
+
+
+def _make_result(
+    cfg: StylizeConfig,
+    device: torch.device,
+    extractor: FeatureExtractor,
+    inputs: tuple[InputImage, InputImage, Image.Image, Image.Image],
+    res: EngineResult,
+    started: _dt.datetime,
+) -> Result:
+    """The Result of an engine run, with its full run record."""
+    cin, sin, c_img, s_img = inputs
+    peak, peak_kind = peak_bytes(device)
+    resolved = cfg.resolved()
+    record: dict[str, Any] = {
+        "nstlab_record": 1,
+        "random_weights": extractor.weights.random,
+        **({"warning": RANDOM_WEIGHTS_WARNING} if extractor.weights.random else {}),
+        "config": resolved.to_dict(),
+        "seed": cfg.seed,
+        "device": str(device),
+        "versions": versions(),
+        "weights": extractor.weights.as_dict(),
+        "inputs": {"content": cin.record(c_img.size), "style": sin.record(s_img.size)},
+        "optimizer": res.optimizer,
+        "run": {
+            "started": started.isoformat(timespec="seconds"),
+            "stop_reason": res.stop_reason,
+            "precision": res.precision,
+            "checkpoint": res.checkpoint,
+            "evaluations": res.evaluations,
+            "optimizer_steps": res.steps,
+            "wall_time_s": round(res.wall_time_s, 4),
+            "seconds_per_evaluation": round(res.wall_time_s / max(res.evaluations, 1), 5),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+        },
+        "final_losses": res.trace[-1] if res.trace else None,
+        "trace": res.trace,
+    }
+    return Result(res.image, resolved, res, record)
+
+
+def stylize_batch(
+    content: ImageInput | InputImage,
+    style: ImageInput | InputImage,
+    configs: Sequence[StylizeConfig],
+    *,
+    snapshot_at: Sequence[Collection[int]] | None = None,
+) -> list[Result | NstlabError]:
+    """Several Adam/AdamW settings on one pair in one batched run (see :mod:`nstlab.batch`): the same
+    results as separate :func:`stylize` calls up to float rounding. Returns a Result per config, or the
+    error that config's own run raised (a non-finite loss stops only that member; its ``.result`` holds
+    the last finite image). Configs must share :func:`nstlab.batch.batch_key`, else ConfigError."""
+    from nstlab.batch import batch_key, optimize_batch
+
+    if not configs:
+        return []
+    keys = {batch_key(c) for c in configs}
+    if None in keys or len(keys) != 1:
+        raise ConfigError(
+            "a batch needs Adam/AdamW configs at one scale that differ only in their optimiser, "
+            "learning rate, initialisation, seed, iterations or loss terms and weights"
+        )
+    cfg, device, inputs, extractor = _setup(content, style, configs[0], {})
+    for other in configs[1:]:
+        check_optimizer_memory(other, device, inputs[2].size)
+    c = images.to_tensor(inputs[2]).to(device)
+    s = images.to_tensor(inputs[3]).to(device)
+    reset_peak(device)
+    started = _dt.datetime.now(_dt.UTC)
+    with cuda_backend_flags(cfg, device) as flags:
+        outcomes = optimize_batch(extractor, c, s, configs, snapshot_at=snapshot_at)
+    results: list[Result | NstlabError] = []
+    for member_cfg, out in zip(configs, outcomes, strict=True):
+        if isinstance(out, NonFiniteLossError):
+            out.result = _make_result(member_cfg, device, extractor, inputs, out.result, started)
+            out.result.record["run"].update(flags, batch_size=len(configs))
+            results.append(out)
+        else:
+            result = _make_result(member_cfg, device, extractor, inputs, out, started)
+            result.record["run"].update(flags, batch_size=len(configs))
+            results.append(result)
+    return results
 
 
 @contextlib.contextmanager
@@ -458,5 +521,6 @@ __all__ = [
     "resolve_device",
     "sidecar_path",
     "stylize",
+    "stylize_batch",
     "versions",
 ]

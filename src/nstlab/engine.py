@@ -106,8 +106,16 @@ class Objective:
     """Targets computed once; ``terms(p)`` gives the weighted loss terms at parameter ``p``."""
 
     def __init__(
-        self, extractor: FeatureExtractor, content: Tensor, style: Tensor, cfg: StylizeConfig
+        self,
+        extractor: FeatureExtractor,
+        content: Tensor,
+        style: Tensor,
+        cfg: StylizeConfig,
+        *,
+        targets: Objective | None = None,
     ) -> None:
+        """``targets``: take the targets from that objective (same extractor, layers, images and
+        precision) instead of computing them again; a batch of runs on one pair shares them."""
         cfg = cfg.resolved()
         self.precision = resolve_precision(cfg.precision, content.device)
         self.autocast_dtype = _DTYPES.get(self.precision)
@@ -144,6 +152,10 @@ class Objective:
             if name in self.style_weights:
                 self.style_targets[name] = losses.gram_matrix(feature).detach().clone()
 
+        if targets is not None:
+            self.content_targets = {k: targets.content_targets[k] for k in self.content_layers}
+            self.style_targets = {k: targets.style_targets[k] for k in self.style_weights}
+            return
         with torch.no_grad():
             for image, wanted, target in (
                 (content, self.content_layers, content_target),
@@ -183,7 +195,6 @@ class Objective:
 
     def terms(self, param: Tensor) -> dict[str, Tensor]:
         x = param.clamp(0.0, 1.0)
-        out: dict[str, Tensor] = {}
         content_parts: list[Tensor] = []
         grams: dict[str, Tensor] = {}
 
@@ -198,11 +209,20 @@ class Objective:
         if self.content_layers or self.style_weights:
             feats = self.features(x, layer_losses if self.checkpoint else None)
             if not self.checkpoint:
-                content_parts = [
-                    losses.content_loss(feats[k], self.content_targets[k]) for k in self.content_layers
-                ]
-                grams = {k: losses.gram_matrix(feats[k]) for k in self.style_weights}
+                return self.terms_from_features(param, x, feats)
             del feats
+        return self._combine(param, x, content_parts, grams)
+
+    def terms_from_features(self, param: Tensor, x: Tensor, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The terms at ``param`` (clamped: ``x``) given its activations (e.g. its slice of a batch)."""
+        content_parts = [losses.content_loss(feats[k], self.content_targets[k]) for k in self.content_layers]
+        grams = {k: losses.gram_matrix(feats[k]) for k in self.style_weights}
+        return self._combine(param, x, content_parts, grams)
+
+    def _combine(
+        self, param: Tensor, x: Tensor, content_parts: list[Tensor], grams: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
         if self.content_layers:
             out["content"] = self.cfg.content_weight * sum(content_parts, torch.zeros((), device=x.device))
         if self.style_weights:

@@ -10,10 +10,11 @@ the files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,22 +91,10 @@ def _png(image: Any) -> bytes:
 def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None) -> list[Outcome]:
     """Stylise once at the group's largest iteration count; score every requested count. Never raises
     for a job's own failure (NaN, out of memory, bad input): that job's outcome says 'failed' and why."""
-    from PIL import Image
-
     from nstlab.api import stylize
-    from nstlab.config import StylizeConfig
-    from nstlab.images import load_image
-    from nstlab.metrics import evaluate_pair, make_judge
-    from nstlab.reference import ReferenceOptions, align_to_output, make_reference
 
-    by_iter = sorted(task.jobs, key=lambda j: j[1]["iterations"])
-    longest = StylizeConfig.from_dict({**by_iter[-1][1], "device": task.device})
-    with tempfile.TemporaryDirectory(prefix="nstlab-job-") as tmp:
-        content, style = Path(tmp) / task.content_name, Path(tmp) / task.style_name
-        if content == style:
-            style = Path(tmp) / f"style-{task.style_name}"
-        content.write_bytes(task.content_bytes)
-        style.write_bytes(task.style_bytes)
+    by_iter, longest = _plan(task)
+    with _inputs(task) as (content, style):
         try:
             result = stylize(
                 content,
@@ -117,89 +106,172 @@ def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - a job's failure is data, recorded with its reason
-            partial = getattr(exc, "result", None)
-            reason = _one_line(exc)
-            return [
-                Outcome(
-                    job_id,
-                    "failed",
-                    error=reason,
-                    evaluations=partial.engine.evaluations if partial is not None else None,
-                )
-                for job_id, _ in by_iter
-            ]
-        ref_img, ref_info, ref_png, ref_error = None, None, None, None
+            return _failed(by_iter, exc)
+        return _score_group(task, result, content, style, by_iter, longest, _reference(task, content, style))
+
+
+def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | None = None) -> list[Outcome]:
+    """Several groups of one pair whose longest configs share a batch key (Adam/AdamW; see nstlab.batch)
+    in one batched run, then scored exactly as compute_group scores each: the same outcomes up to float
+    rounding. One reference serves them all."""
+    from nstlab.api import stylize_batch
+
+    if len(tasks) == 1:
+        return compute_group(tasks[0], on_step)
+    plans = [_plan(t) for t in tasks]
+    del on_step  # the batch reports no per-evaluation progress
+    with _inputs(tasks[0]) as (content, style):
         try:
-            ref_opts = {k: v for k, v in task.reference.items() if k != "maker"}
-            for key in ("adain_weights", "reference_dir"):
-                if ref_opts.get(key):
-                    ref_opts[key] = Path(ref_opts[key])
-            ref = make_reference(
+            results = stylize_batch(
                 content,
                 style,
-                task.reference.get("maker", "auto"),
-                options=ReferenceOptions(**ref_opts),
-                pair_name=task.pair,
+                [longest for _, longest in plans],
+                snapshot_at=[[cfg["iterations"] for _, cfg in by_iter] for by_iter, _ in plans],
             )
-            ref_img, ref_info, ref_png = ref.image, ref.info, _png(ref.image)
+        except KeyboardInterrupt:
+            raise
         except Exception as exc:  # noqa: BLE001
-            ref_error = f"reference: {_one_line(exc)}"
-        judge = None
-        if {"content", "style"} & set(task.metrics) and ref_error is None:
-            try:
-                judge = make_judge(task.judge_weights)
-            except Exception as exc:  # noqa: BLE001
-                ref_error = f"judge: {_one_line(exc)}"
-        outcomes = []
-        for job_id, cfg in by_iter:
-            k = cfg["iterations"]
-            image = result.engine.snapshots.get(k, result.image)
-            record = dict(result.record)
-            record["config"] = {**record["config"], "iterations": k}
-            record["trace"] = result.trace[:k]
-            record["final_losses"] = result.trace[k - 1] if len(result.trace) >= k else None
-            record["run"] = {**record["run"], "evaluations": min(k, result.engine.evaluations)}
-            if k != longest.iterations:
-                record["snapshot_of"] = {"iterations": longest.iterations, "job": by_iter[-1][0]}
-            if ref_error is not None or ref_img is None:
-                outcomes.append(
-                    Outcome(
-                        job_id, "failed", error=ref_error, image_png=_png(image), record=record, evaluations=k
-                    )
-                )
-                continue
-            try:
-                out_pil = Image.open(io.BytesIO(_png(image)))
-                aligned = align_to_output(ref_img, out_pil.size)
-                want = set(task.metrics)
-                row = evaluate_pair(
-                    image,
-                    aligned,
-                    content=load_image(content) if "content" in want else None,
-                    style=load_image(style) if "style" in want else None,
-                    judge=judge,
-                    lpips_net="alex" if "lpips" in want else None,
-                )
-                metrics: dict[str, Any] | None = {k2: v for k2, v in row.items() if v is not None}
-                status, error = "done", None
-            except Exception as exc:  # noqa: BLE001
-                metrics, status, error = None, "failed", f"metrics: {_one_line(exc)}"
+            return [o for by_iter, _ in plans for o in _failed(by_iter, exc)]
+        reference = _reference(tasks[0], content, style)
+        outcomes: list[Outcome] = []
+        for task, (by_iter, longest), result in zip(tasks, plans, results, strict=True):
+            if isinstance(result, Exception):
+                outcomes += _failed(by_iter, result)
+            else:
+                outcomes += _score_group(task, result, content, style, by_iter, longest, reference)
+        return outcomes
+
+
+def _plan(task: GroupTask) -> tuple[list[tuple[str, dict[str, Any]]], Any]:
+    from nstlab.config import StylizeConfig
+
+    by_iter = sorted(task.jobs, key=lambda j: j[1]["iterations"])
+    return by_iter, StylizeConfig.from_dict({**by_iter[-1][1], "device": task.device})
+
+
+@contextlib.contextmanager
+def _inputs(task: GroupTask) -> Iterator[tuple[Path, Path]]:
+    """The task's image bytes as files in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="nstlab-job-") as tmp:
+        content, style = Path(tmp) / task.content_name, Path(tmp) / task.style_name
+        if content == style:
+            style = Path(tmp) / f"style-{task.style_name}"
+        content.write_bytes(task.content_bytes)
+        style.write_bytes(task.style_bytes)
+        yield content, style
+
+
+def _failed(by_iter: Sequence[tuple[str, dict[str, Any]]], exc: BaseException) -> list[Outcome]:
+    partial = getattr(exc, "result", None)
+    reason = _one_line(exc)
+    return [
+        Outcome(
+            job_id,
+            "failed",
+            error=reason,
+            evaluations=partial.engine.evaluations if partial is not None else None,
+        )
+        for job_id, _ in by_iter
+    ]
+
+
+_Reference = tuple[Any, dict[str, Any] | None, bytes | None, str | None]
+
+
+def _reference(task: GroupTask, content: Path, style: Path) -> _Reference:
+    """(image, info, PNG bytes, error): the pair's pseudo ground truth, or why there is none."""
+    from nstlab.reference import ReferenceOptions, make_reference
+
+    try:
+        ref_opts = {k: v for k, v in task.reference.items() if k != "maker"}
+        for key in ("adain_weights", "reference_dir"):
+            if ref_opts.get(key):
+                ref_opts[key] = Path(ref_opts[key])
+        ref = make_reference(
+            content,
+            style,
+            task.reference.get("maker", "auto"),
+            options=ReferenceOptions(**ref_opts),
+            pair_name=task.pair,
+        )
+        return ref.image, ref.info, _png(ref.image), None
+    except Exception as exc:  # noqa: BLE001
+        return None, None, None, f"reference: {_one_line(exc)}"
+
+
+def _score_group(
+    task: GroupTask,
+    result: Any,
+    content: Path,
+    style: Path,
+    by_iter: Sequence[tuple[str, dict[str, Any]]],
+    longest: Any,
+    reference: _Reference,
+) -> list[Outcome]:
+    """One outcome per job of the group: its snapshot of ``result``, scored against the reference."""
+    from PIL import Image
+
+    from nstlab.images import load_image
+    from nstlab.metrics import evaluate_pair, make_judge
+    from nstlab.reference import align_to_output
+
+    ref_img, ref_info, ref_png, ref_error = reference
+    judge = None
+    if {"content", "style"} & set(task.metrics) and ref_error is None:
+        try:
+            judge = make_judge(task.judge_weights)
+        except Exception as exc:  # noqa: BLE001
+            ref_error = f"judge: {_one_line(exc)}"
+    outcomes = []
+    for job_id, cfg in by_iter:
+        k = cfg["iterations"]
+        image = result.engine.snapshots.get(k, result.image)
+        record = dict(result.record)
+        record["config"] = {**record["config"], "iterations": k}
+        record["trace"] = result.trace[:k]
+        record["final_losses"] = result.trace[k - 1] if len(result.trace) >= k else None
+        record["run"] = {**record["run"], "evaluations": min(k, result.engine.evaluations)}
+        if k != longest.iterations:
+            record["snapshot_of"] = {"iterations": longest.iterations, "job": by_iter[-1][0]}
+        if ref_error is not None or ref_img is None:
             outcomes.append(
                 Outcome(
-                    job_id,
-                    status,
-                    error=error,
-                    image_png=_png(image),
-                    record=record,
-                    metrics=metrics,
-                    reference_info=ref_info,
-                    reference_png=ref_png,
-                    wall_time_s=result.engine.wall_time_s * k / max(result.engine.evaluations, 1),
-                    evaluations=k,
-                    peak_memory_bytes=result.record["run"]["peak_memory_bytes"],
+                    job_id, "failed", error=ref_error, image_png=_png(image), record=record, evaluations=k
                 )
             )
-        return outcomes
+            continue
+        try:
+            out_pil = Image.open(io.BytesIO(_png(image)))
+            aligned = align_to_output(ref_img, out_pil.size)
+            want = set(task.metrics)
+            row = evaluate_pair(
+                image,
+                aligned,
+                content=load_image(content) if "content" in want else None,
+                style=load_image(style) if "style" in want else None,
+                judge=judge,
+                lpips_net="alex" if "lpips" in want else None,
+            )
+            metrics: dict[str, Any] | None = {k2: v for k2, v in row.items() if v is not None}
+            status, error = "done", None
+        except Exception as exc:  # noqa: BLE001
+            metrics, status, error = None, "failed", f"metrics: {_one_line(exc)}"
+        outcomes.append(
+            Outcome(
+                job_id,
+                status,
+                error=error,
+                image_png=_png(image),
+                record=record,
+                metrics=metrics,
+                reference_info=ref_info,
+                reference_png=ref_png,
+                wall_time_s=result.engine.wall_time_s * k / max(result.engine.evaluations, 1),
+                evaluations=k,
+                peak_memory_bytes=result.record["run"]["peak_memory_bytes"],
+            )
+        )
+    return outcomes
 
 
 def persist(study: Study, store: Store, outcome: Outcome, pair: str) -> None:

@@ -12,7 +12,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,19 @@ class Store:
 
     def claim_group(self, ids: Sequence[str], *, retry_failed: bool = False) -> tuple[str, list[str]] | None:
         """Atomically claim the next runnable group among ``ids``: returns (group, job ids) or None."""
+        claimed = self.claim_groups(ids, retry_failed=retry_failed)
+        return claimed[0] if claimed else None
+
+    def claim_groups(
+        self,
+        ids: Sequence[str],
+        *,
+        retry_failed: bool = False,
+        limit: int = 1,
+        compatible: Callable[[str, str], bool] | None = None,
+    ) -> list[tuple[str, list[str]]]:
+        """Atomically claim the next runnable group and up to ``limit - 1`` more runnable groups that are
+        ``compatible(first, other)`` (a batch); returns [(group, job ids)], empty when nothing is left."""
         me, now = worker_id(), time.time()
         wanted = set(ids)
         with self.transaction() as db:
@@ -115,15 +128,21 @@ class Store:
                 if ok:
                     runnable.setdefault(r["grp"], []).append(r["id"])
             if not runnable:
-                return None
-            group = next(iter(runnable))  # study order: the store lists rows in insertion order
-            job_ids = runnable[group]
+                return []
+            first = next(iter(runnable))  # study order: the store lists rows in insertion order
+            groups = [first]
+            for group in runnable:
+                if len(groups) >= limit:
+                    break
+                if group != first and compatible is not None and compatible(first, group):
+                    groups.append(group)
+            job_ids = [i for g in groups for i in runnable[g]]
             db.executemany(
                 "UPDATE jobs SET status='running', worker=?, heartbeat=?, started=?, attempts=attempts+1, "
                 "error=NULL WHERE id=?",
                 [(me, now, now, i) for i in job_ids],
             )
-            return group, job_ids
+            return [(g, runnable[g]) for g in groups]
 
     def heartbeat(self, ids: Sequence[str]) -> None:
         with self.transaction() as db:
