@@ -16,8 +16,14 @@ for the returned, clamped image); for the baseline the loss its closure computes
 image. Both are the same function (checked at start: "parity"). Times exclude set-up (building the
 network, the targets) for both; the clocks start where the optimisation loops start.
 
+With ``--coarse-to-fine`` a third contender runs: nstlab's ``coarse-to-fine`` preset (300 evaluations at
+1/4 of the size, 200 at 1/2, through ``nstlab.api._coarse_to_fine`` exactly as ``stylize`` runs them), then
+the full size from the upsampled result; its clock includes the coarse scales, and its loss is only
+counted once it is at full size (the coarse images are not full-size candidates).
+
     .venv/bin/python benchmarks/time_to_quality.py                       # pair-1, 256 px, 1000 evaluations
     .venv/bin/python benchmarks/time_to_quality.py --size 256 --iterations 300 --repeats 2
+    .venv/bin/python benchmarks/time_to_quality.py --coarse-to-fine --threads 1
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import _common as C
 import torch
 from baseline import BaselineNST
 
-from nstlab.config import StylizeConfig
+from nstlab.config import PRESETS, StylizeConfig
 from nstlab.engine import Objective, Progress, optimize
 from nstlab.features import FeatureExtractor, build_extractor, get_spec
 
@@ -72,22 +78,79 @@ def run_nstlab(
     cfg: StylizeConfig,
     budget: int,
     target: float,
+    init: torch.Tensor | None = None,
+    offset_s: float = 0.0,
 ) -> list[tuple[float, float]]:
-    """nstlab's trace [(seconds since the engine's start, image loss)], stopped once the budget is spent and
-    the target reached (or at ``cfg.iterations``)."""
+    """nstlab's trace [(seconds since the engine's start + ``offset_s``, image loss)], stopped once the
+    budget is spent and the target reached (or at ``cfg.iterations``)."""
     trace: list[tuple[float, float]] = []
 
     def on_step(p: Progress) -> None:
         loss = sum(v for k, v in p.losses.items() if k not in ("range", "total"))
-        trace.append((p.elapsed, loss))
+        trace.append((p.elapsed + offset_s, loss))
         if p.evaluation >= budget and min(x[1] for x in trace) <= target:
             raise _Stop
 
     try:
-        optimize(extractor, content, style, cfg, on_step=on_step)
+        optimize(extractor, content, style, cfg, on_step=on_step, init=init)
     except _Stop:
         pass
     return trace
+
+
+def run_coarse_to_fine(
+    extractor: FeatureExtractor,
+    pair: tuple[Path, Path],
+    content: torch.Tensor,
+    style: torch.Tensor,
+    cfg: StylizeConfig,
+    budget: int,
+    target: float,
+) -> tuple[list[tuple[float, float]], float, int]:
+    """The coarse-to-fine preset: (full-size trace with the coarse time included, coarse seconds, coarse
+    evaluations)."""
+    from nstlab import images
+    from nstlab.api import _coarse_to_fine
+
+    c2f = PRESETS["coarse-to-fine"]
+    preset = cfg.replace(scales=c2f["scales"], scale_iterations=c2f["scale_iterations"])
+    c_img = images.resize_long_side(images.load_image(pair[0]), cfg.size)
+    s_img = images.resize_long_side(images.load_image(pair[1]), max(c_img.size))
+    log: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    init = _coarse_to_fine(extractor, c_img, s_img, preset, torch.device("cpu"), log)
+    coarse_s = time.perf_counter() - t0
+    trace = run_nstlab(extractor, content, style, cfg, budget, target, init=init, offset_s=coarse_s)
+    return trace, coarse_s, sum(int(x["evaluations"]) for x in log)
+
+
+def _times(run: dict[str, Any], target: str) -> tuple[float, float | None, float | None, float | None]:
+    """(target loss, baseline s, default s, coarse-to-fine s) to reach ``target`` in one run."""
+    if target in ("final", "best"):
+        d = run[target]
+        return d["target_loss"], d["baseline_s"], d["nstlab_s"], d["c2f_s"]
+    lv = run["levels"][target]
+    hits = [lv[who][1] if lv[who] else None for who in ("baseline", "nstlab", "c2f")]
+    return lv["loss"], hits[0], hits[1], hits[2]
+
+
+def print_coarse_to_fine(runs: list[dict[str, Any]]) -> None:
+    print(
+        "\nCoarse-to-fine preset vs the default setting and the baseline: seconds to reach each loss (the "
+        "preset's include its coarse scales); ratios are medians over runs\n"
+    )
+    print("| target | loss | baseline s | default s | coarse-to-fine s | c2f / baseline | c2f / default |")
+    print("|---|---|---|---|---|---|---|")
+    labels = {"final": "baseline's final image", "best": "baseline's best evaluation"}
+    for target in ["final", "best", *runs[0]["levels"]]:
+        loss, b, n, c = _times(runs[0], target)
+        per_run = [_times(r, target) for r in runs]
+        to_b = [x[3] / x[1] for x in per_run if x[1] and x[3] is not None]
+        to_n = [x[3] / x[2] for x in per_run if x[2] and x[3] is not None]
+        print(
+            f"| {labels.get(target, f'{target} × L*')} | {loss:.5g} | {_f(b, 1)} | {_f(n, 1)} | {_f(c, 1)} "
+            f"| {_f(C.median(to_b) if to_b else None, 2)} | {_f(C.median(to_n) if to_n else None, 2)} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", default="pair-1")
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--coarse-to-fine", action="store_true", help="also run the coarse-to-fine preset")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     data = C.data_dir(args.data)
@@ -155,17 +219,31 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 n_trace = run_nstlab(extractor, content, style, cfg, args.iterations, known)
                 print(f"  nstlab: {len(n_trace)} evaluations in {time.perf_counter() - t0:.1f} s", flush=True)
+        c_trace: list[tuple[float, float]] = []
+        if args.coarse_to_fine:
+            assert known is not None
+            c_trace, coarse_s, coarse_n = run_coarse_to_fine(
+                extractor, C.pair_paths(data, args.pair), content, style, cfg, args.iterations, known
+            )
+            print(
+                f"  coarse-to-fine: {coarse_n} coarse evaluations in {coarse_s:.1f} s, then "
+                f"{len(c_trace)} at full size, {c_trace[-1][0]:.1f} s in all",
+                flush=True,
+            )
         best = min(x[1] for x in b_trace)
         run: dict[str, Any] = {"order": order, "baseline_run_s": b_time}
         for name, target in (("final", final), ("best", best)):
             b_hit = first_reach(b_trace, target) or (args.iterations, b_time)
             n_hit = first_reach(n_trace, target)
+            c_hit = first_reach(c_trace, target) if c_trace else None
             run[name] = {
                 "target_loss": target,
                 "baseline_evals": b_hit[0],
                 "baseline_s": b_hit[1],
                 "nstlab_evals": n_hit[0] if n_hit else None,
                 "nstlab_s": n_hit[1] if n_hit else None,
+                "c2f_full_size_evals": c_hit[0] if c_hit else None,
+                "c2f_s": c_hit[1] if c_hit else None,
             }
         # Levels relative to the lowest loss either implementation evaluated within the same budget.
         floor = min(min(x[1] for x in b_trace), min(x[1] for x in n_trace[: args.iterations]))
@@ -174,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loss": m * floor,
                 "baseline": first_reach(b_trace, m * floor),
                 "nstlab": first_reach(n_trace[: args.iterations], m * floor),
+                "c2f": first_reach(c_trace[: args.iterations], m * floor) if c_trace else None,
             }
             for m in LEVELS
         }
@@ -188,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "baseline_trace": b_trace[:: max(1, len(b_trace) // 200)],
             "nstlab_trace": n_trace[:: max(1, len(n_trace) // 200)],
+            "c2f_trace": c_trace[:: max(1, len(c_trace) // 200)],
         }
         runs.append(run)
 
@@ -228,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {n_hit[0] if n_hit else '–'} | {_f(n_hit[1] if n_hit else None, 1)} "
             f"| {_f(C.median(ratios) if ratios else None, 2)} |"
         )
+    if args.coarse_to_fine:
+        print_coarse_to_fine(runs)
     print("\nLoss of the current image after k evaluations (first run)\n")
     print("| k | baseline | nstlab |")
     print("|---|---|---|")
