@@ -32,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--pair", default="pair-2")
     p.add_argument("--data", default=None)
+    p.add_argument("--content", default=None, help="content image (with --style: instead of --pair)")
+    p.add_argument("--style", default=None)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    data = C.data_dir(args.data)
-    C.require_data(data)
+    if args.content and args.style:
+        content, style = Path(args.content), Path(args.style)
+    else:
+        data = C.data_dir(args.data)
+        C.require_data(data)
+        content, style = C.pair_paths(data, args.pair)
     if args.threads:
         import torch
 
@@ -44,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine_info()
     print(f"# bench_batch: {C.describe_machine(info)}")
     print(f"# {C.RANDOM_WEIGHTS_NOTE}")
-    content, style = C.pair_paths(data, args.pair)
     configs = [
         nstlab.StylizeConfig(
             extractor=args.extractor,
