@@ -100,6 +100,12 @@ def test_every_option(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.Ca
         "1e5",
         "--tv-weight",
         "0",
+        "--checkpoint",
+        "on",
+        "--lbfgs-history",
+        "7",
+        "--no-compile",
+        "--deterministic",
         "--quiet",
     ]
     code, _, err = run_cli(args, capsys)
@@ -125,7 +131,14 @@ def test_every_option(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.Ca
         "precision": "auto",
         "scales": [1.0],
         "scale_iterations": [],
+        "checkpoint": "on",
+        "lbfgs_history": 7,
+        "compile": False,
+        "deterministic": True,
     }
+    run = json.loads(out.with_suffix(".json").read_text())["run"]
+    assert run["checkpoint"] is True  # and on the CPU no cuDNN flags are recorded
+    assert "cudnn_benchmark" not in run
 
 
 def test_save_every(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -372,3 +385,21 @@ def test_preset_fills_unset_options(
     assert code == 0, err
     cfg = json.loads(out.with_suffix(".json").read_text())["config"]
     assert cfg["scales"] == [0.25, 0.5, 1.0] and cfg["scale_iterations"] == [2, 2] and cfg["iterations"] == 3
+
+
+def test_optimizer_state_that_cannot_fit_is_refused(
+    pair: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nstlab import api
+
+    monkeypatch.setattr(api, "total_bytes", lambda device: 2**20)  # a 1 MiB machine
+    out = tmp_path / "big.png"
+    code, _, err = run_cli(
+        ["stylize", str(pair[0]), str(pair[1]), "-o", str(out), *TINY, "--iterations", "500"], capsys
+    )
+    assert code == 2 and not out.exists()
+    lines = [line for line in err.splitlines() if line.startswith("nstlab: error:")]
+    assert len(lines) == 1 and "--lbfgs-history" in lines[0] and "Traceback" not in err
