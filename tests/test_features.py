@@ -96,6 +96,33 @@ def test_extractor_outputs_frozen_truncated(name: str) -> None:
         assert "layer3" in names and "layer4" not in names and "fc" not in names
 
 
+@pytest.mark.parametrize("name", list(EXTRACTORS))
+def test_freezing_and_truncation_do_not_change_the_image_gradient(name: str) -> None:
+    # The two optimisations every evaluation relies on: frozen weights (no weight gradients) and the
+    # truncated graph give the very image gradient of the full, trainable torchvision model (float64).
+    spec = get_spec(name)
+    layers = list(dict.fromkeys(spec.content_layers + spec.style_layers))
+    ext = build_extractor(spec, layers, "random").double()
+    full = spec.build().double().eval()
+    full.load_state_dict(
+        {k.removeprefix("body."): v for k, v in ext.state_dict().items() if k.startswith("body.")},
+        strict=False,
+    )
+    nodes = spec.layer_nodes(full)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    trainable = create_feature_extractor(full, {nodes[k]: k for k in layers})
+    assert all(p.requires_grad for p in trainable.parameters())
+    x0 = torch.rand(1, 3, 40, 56, dtype=torch.float64)
+    grads = []
+    for model, prep in ((ext, lambda t: t), (trainable, ext.normalize)):
+        x = x0.clone().requires_grad_(True)
+        feats = model(prep(x))
+        sum((feats[k] ** 2).mean() for k in layers).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
 def test_extractor_gradients_reach_the_image() -> None:
     spec = get_spec("resnet18")
     ext = build_extractor(spec, spec.style_layers, "random")
