@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,10 @@ def test_lbfgs_history_is_used_and_too_large_a_state_is_refused(
     assert nstlab.stylize(*pair, tiny_config(optimizer="adam", iterations=2)).engine.evaluations == 2
 
 
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
 def test_compiled_extractor_matches_eager(pair: tuple[Path, Path]) -> None:
     # torch.compile (opt-in) fuses kernels; the result must equal eager mode up to float rounding. A
     # one-layer extractor keeps the compilation (C++ code generation, minutes for all of ResNet-18 on a
