@@ -17,9 +17,10 @@ direction to its own history, which is fine, but its convergence test and step c
 the engine's budget semantics (stop inside a step) would have to be replicated per member; separate runs
 stay the path for it.
 
-Whether batching is faster depends on the device: on the 2-core CPU of benchmarks/README.md a batch of 4
-ResNet-18 evaluations took 1.14-1.22x the time of 4 separate ones (convolutions already fill the cores),
-so studies batch only when asked (``nstlab study run --batch N``).
+Whether batching is faster depends on the device: on the 2-core CPU of benchmarks/README.md four Adam runs
+as one batch took 0.95x the time of four separate runs (0.98x for the optimisation alone: convolutions
+already fill the cores there; the saving is the targets, computed once), with identical pixels. A batch
+needs N times the activation memory, so studies batch only when asked (``nstlab study run --batch N``).
 """
 
 from __future__ import annotations

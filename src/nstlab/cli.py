@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run up to N Adam/AdamW settings of one pair as one batch (same results; faster on GPUs, "
-        "slower on the CPU it was measured on; default: %(default)s)",
+        help="run up to N Adam/AdamW settings of one pair as one batch (same results, N times the "
+        "activation memory; meant for GPUs; default: %(default)s)",
     )
     run.add_argument("-q", "--quiet", action="store_true")
     status = study_sub.add_parser("status", help="done / running / failed / pending")

@@ -36,7 +36,8 @@ class RunOptions:
     retry_failed: bool = False
     max_groups: int | None = None  # stop after this many groups (tests, partial runs)
     # Up to this many Adam/AdamW groups of one pair run as one batched stylisation (nstlab.batch): the
-    # same results up to float rounding. 1 (no batching) by default: on the CPU it measured slower.
+    # same results up to float rounding. 1 (no batching) by default: N times the activation memory, and on
+    # the CPU measured it is about break-even (benchmarks/README.md).
     batch: int = 1
 
 
