@@ -12,10 +12,9 @@ weights. For Adam and AdamW such runs can share each evaluation exactly:
   the precision, which members must share (see :func:`batch_key`).
 
 Only float rounding differs (a batched convolution may use other kernels): tests/test_batch.py checks the
-results against separate runs. L-BFGS is not batched: its line-free step still couples a member's
-direction to its own history, which is fine, but its convergence test and step count are per problem, and
-the engine's budget semantics (stop inside a step) would have to be replicated per member; separate runs
-stay the path for it.
+results against separate runs. L-BFGS is not batched: each problem would need its own curvature history,
+step count and convergence test inside torch's single-tensor LBFGS, and the engine stops L-BFGS inside a
+step when the budget is spent; separate runs stay the path for it.
 
 Whether batching is faster depends on the device: on the 2-core CPU of benchmarks/README.md four Adam runs
 as one batch took 0.95x the time of four separate runs (0.98x for the optimisation alone: convolutions
