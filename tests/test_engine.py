@@ -336,3 +336,31 @@ def test_cuda_backend_flags_are_a_no_op_elsewhere() -> None:
     with cuda_backend_flags(tiny_config(deterministic=True), torch.device("cpu")) as flags:
         assert flags == {}
         assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
+
+
+@pytest.mark.parametrize("extractor", ["vgg19", "resnet18"])
+def test_checkpointed_reduced_precision_keeps_grams_and_losses_fp32(
+    pair: tuple[Path, Path], extractor: str
+) -> None:
+    # Under checkpointing the losses are built while the extractor runs (inside its autocast region);
+    # they must still be fp32, and match the plain bf16 pass.
+    from nstlab import images
+    from nstlab.api import get_extractor
+    from nstlab.engine import Objective
+
+    cfg = tiny_config(extractor=extractor, precision="bf16")
+    content = images.to_tensor(images.resize_long_side(images.load_image(pair[0]), 64))
+    style = images.to_tensor(images.resize_long_side(images.load_image(pair[1]), 64))
+    ext = get_extractor(cfg, torch.device("cpu"))
+    terms = {}
+    for mode in ("off", "on"):
+        objective = Objective(ext, content, style, cfg.replace(checkpoint=mode))
+        assert all(t.dtype == torch.float32 for t in objective.style_targets.values())
+        assert all(t.dtype == torch.float32 for t in objective.content_targets.values())
+        param = content.clone().requires_grad_(True)
+        t = objective.terms(param)
+        assert all(v.dtype == torch.float32 for v in t.values())
+        torch.stack(list(t.values())).sum().backward()
+        terms[mode] = {k: float(v.detach()) for k, v in t.items()}
+    for key in terms["off"]:
+        assert terms["on"][key] == pytest.approx(terms["off"][key], rel=1e-3, abs=1e-7), key

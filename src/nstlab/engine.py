@@ -179,6 +179,15 @@ class Objective:
             if self.autocast_dtype is None
             else torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
         )
+        if on_feature is not None and self.autocast_dtype is not None:
+            # Losses built while the extractor runs must not fall under its autocast: Gram matrices and
+            # losses stay fp32 (an fp16 Gram overflows).
+            inner = on_feature
+
+            def on_feature(name: str, feature: Tensor) -> None:
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    inner(name, feature)
+
         with region:
             if self.compiled:
                 try:
