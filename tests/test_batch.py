@@ -50,6 +50,16 @@ def test_batch_equals_separate_runs(pair: tuple[Path, Path]) -> None:
     torch.testing.assert_close(first.engine.snapshots[4], shorter.image, rtol=0, atol=ATOL)
 
 
+def test_batch_reports_progress_and_per_member_times(pair: tuple[Path, Path]) -> None:
+    seen: list[int] = []
+    short, long = tiny_config(optimizer="adam", iterations=2), tiny_config(optimizer="adam", iterations=9)
+    out = nstlab.stylize_batch(*pair, [short, long], on_step=lambda p: seen.append(p.evaluation))
+    assert seen == list(range(1, 10))  # the study runner's heartbeat and progress bar hang on this
+    assert isinstance(out[0], nstlab.Result) and isinstance(out[1], nstlab.Result)
+    assert out[0].engine.wall_time_s < out[1].engine.wall_time_s  # each member's own end
+    assert out[0].record["run"]["time_and_memory"] == "shared by the batch"
+
+
 def test_a_broken_member_fails_alone(pair: tuple[Path, Path]) -> None:
     # lambda_style = 1e300 overflows float32: that member stops at iteration 1 as its own run would;
     # the other members finish with their separate runs' results.
@@ -95,6 +105,13 @@ def test_study_batches_give_the_unbatched_results(tmp_path: Path) -> None:
         assert row["metrics"]["psnr"] == pytest.approx(plain["metrics"]["psnr"], abs=0.05), key
         record = json.loads((folders[4] / row["record"]).read_text())
         assert record["run"].get("batch_size") == (None if key[1].startswith("lbfgs") else 3), key
+
+
+def test_max_groups_caps_a_batch(tmp_path: Path) -> None:
+    axes = 'optimizer = [{ optimizer = "adam", lr = [0.05, 0.1, 0.2] }]'
+    study = load_study(write_study(tmp_path, axes, pairs=1), smoke=True)
+    counts = run_study(study, RunOptions(device="cpu", batch=3, max_groups=2), quiet=True)
+    assert counts["done"] == 2 and counts["pending"] == 1
 
 
 def test_batch_option_is_validated(tmp_path: Path) -> None:

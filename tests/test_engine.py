@@ -309,24 +309,33 @@ def test_compiled_extractor_matches_eager(pair: tuple[Path, Path]) -> None:
 def test_compile_failures_and_conflicts_are_clear_errors(
     pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nstlab import engine
+    import torch._dynamo
+
     from nstlab.errors import CompileError, ConfigError
 
     with pytest.raises(ConfigError, match="--checkpoint off"):
         nstlab.stylize(*pair, tiny_config(iterations=1, compile=True, checkpoint="on"))
 
+    class FakeInductorError(torch._dynamo.exc.TorchDynamoException):
+        pass
+
     def broken(module: object) -> object:
         def run(x: torch.Tensor) -> object:
-            raise RuntimeError("InductorError: no working C++ compiler\nlong traceback")
+            raise FakeInductorError("InductorError: no working C++ compiler\nlong traceback")
 
         return run
 
-    engine._compiled.cache_clear()
+    from nstlab.api import get_extractor
+
+    extractor = get_extractor(tiny_config(), torch.device("cpu"))
+    extractor.__dict__.pop("_nstlab_compiled", None)
     monkeypatch.setattr(torch, "compile", broken)
     expected = r"^torch.compile failed \(InductorError: no working C\+\+ compiler\); run without --compile$"
-    with pytest.raises(CompileError, match=expected):
-        nstlab.stylize(*pair, tiny_config(iterations=1, compile=True))
-    engine._compiled.cache_clear()
+    try:
+        with pytest.raises(CompileError, match=expected):
+            nstlab.stylize(*pair, tiny_config(iterations=1, compile=True))
+    finally:
+        extractor.__dict__.pop("_nstlab_compiled", None)
 
 
 def test_cuda_backend_flags_are_a_no_op_elsewhere() -> None:

@@ -143,11 +143,25 @@ def test_identity_is_stable_and_content_addressed(tmp_path: Path) -> None:
     # A field added later is hashed only away from the value that reproduces older results.
     assert identity(job.config.replace(lbfgs_history=100), job.pair) == job.id
     assert identity(job.config.replace(lbfgs_history=10), job.pair) != job.id
+    # Configs that request a layer followed by an in-place ReLU changed meaning (a fix): new ids for them.
+    conv = nstlab.StylizeConfig(extractor="vgg19", content_layers=("conv4_2",))
+    relu = nstlab.StylizeConfig(extractor="vgg19", content_layers=("relu4_2",))
+    from nstlab.study.spec import _affected_by_relu_fix
+
+    assert _affected_by_relu_fix(conv) and not _affected_by_relu_fix(relu)
+    assert not _affected_by_relu_fix(job.config)  # the report's layers are untouched
+
     assert identity(job.config.replace(seed=1), job.pair) != job.id
     assert identity(job.config.replace(tv_weight=5.0), job.pair) != job.id
     Image.open(pair.content).rotate(90).save(pair.content)
     os.utime(pair.content, ns=(1, 1))  # a different mtime even on coarse-timestamp file systems
     assert identity(job.config, pair) != job.id
+
+
+def test_settings_that_compute_the_same_job_are_refused(tmp_path: Path) -> None:
+    path = write_study(tmp_path, 'checkpoint = ["on", "off"]')
+    with pytest.raises(ConfigError, match="'on' and 'off' compute the same job"):
+        load_study(path)
 
 
 # --- running -----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from nstlab import images
 from nstlab.config import StylizeConfig
-from nstlab.engine import EngineResult, Progress, optimize, resolve_checkpoint
+from nstlab.engine import CHECKPOINT_AUTO_PIXELS, EngineResult, Progress, optimize, resolve_checkpoint
 from nstlab.errors import (
     ConfigError,
     DeviceError,
@@ -207,6 +207,12 @@ def _setup(
     device = resolve_device(cfg.device)
     inputs = prepare_inputs(content, style, cfg)
     check_optimizer_memory(cfg, device, inputs[2].size)
+    if cfg.compile and resolve_checkpoint(cfg.checkpoint, inputs[2].size[0] * inputs[2].size[1]):
+        # Checked here, before any coarse scale runs (the engine checks again for direct callers).
+        raise ConfigError(
+            "compile does not combine with activation checkpointing, which checkpoint=auto turns on "
+            f"above {CHECKPOINT_AUTO_PIXELS} pixels; pass --checkpoint off or leave out --compile"
+        )
     return cfg, device, inputs, get_extractor(cfg, device)
 
 
@@ -330,11 +336,14 @@ def stylize_batch(
     configs: Sequence[StylizeConfig],
     *,
     snapshot_at: Sequence[Collection[int]] | None = None,
+    on_step: Callable[[Progress], None] | None = None,
 ) -> list[Result | NstlabError]:
     """Several Adam/AdamW settings on one pair in one batched run (see :mod:`nstlab.batch`): the same
     results as separate :func:`stylize` calls up to float rounding. Returns a Result per config, or the
     error that config's own run raised (a non-finite loss stops only that member; its ``.result`` holds
-    the last finite image). Configs must share :func:`nstlab.batch.batch_key`, else ConfigError."""
+    the last finite image). Configs must share :func:`nstlab.batch.batch_key`, else ConfigError.
+    ``on_step`` gets the batch's evaluations (losses summed over members). A member's record gives the
+    time from the batch's start to its end and the batch's peak memory, marked as such."""
     from nstlab.batch import batch_key, optimize_batch
 
     if not configs:
@@ -353,16 +362,18 @@ def stylize_batch(
     reset_peak(device)
     started = _dt.datetime.now(_dt.UTC)
     with cuda_backend_flags(cfg, device) as flags:
-        outcomes = optimize_batch(extractor, c, s, configs, snapshot_at=snapshot_at)
+        outcomes = optimize_batch(extractor, c, s, configs, snapshot_at=snapshot_at, on_step=on_step)
+    # Time and peak memory in a member's record are the batch's (shared): say so next to them.
+    batch_info = {"batch_size": len(configs), "time_and_memory": "shared by the batch"}
     results: list[Result | NstlabError] = []
     for member_cfg, out in zip(configs, outcomes, strict=True):
         if isinstance(out, NonFiniteLossError):
             out.result = _make_result(member_cfg, device, extractor, inputs, out.result, started)
-            out.result.record["run"].update(flags, batch_size=len(configs))
+            out.result.record["run"].update(flags, **batch_info)
             results.append(out)
         else:
             result = _make_result(member_cfg, device, extractor, inputs, out, started)
-            result.record["run"].update(flags, batch_size=len(configs))
+            result.record["run"].update(flags, **batch_info)
             results.append(result)
     return results
 
@@ -505,9 +516,11 @@ def estimate(
     total = per_eval * (cfg.iterations + coarse_px / target_px)
     peak_total = int(p2["resident_bytes"] + extrapolate("activation_bytes"))
     if cfg.optimizer == "lbfgs":
-        # A 3-evaluation probe holds 2 curvature pairs; the real run holds up to lbfgs_history of them.
+        # During a probe's last (3rd) evaluation L-BFGS holds one curvature pair and its four working
+        # vectors; they grew with the pixels like the activations, so the extrapolation already counts them
+        # at the target size. The real run holds up to lbfgs_history pairs.
         peak_total += lbfgs_state_bytes(target_px, cfg.lbfgs_history, cfg.iterations) - lbfgs_state_bytes(
-            int(p2["pixels"]), cfg.lbfgs_history, 3
+            target_px, cfg.lbfgs_history, 1
         )
     del cin, sin
     return Estimate(peak_total, per_eval, total, probes, kind, mode == "on")

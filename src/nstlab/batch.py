@@ -79,6 +79,7 @@ class _Member:
     last_image: Tensor
     failure: NonFiniteLossError | None = None
     done: bool = False
+    finished: float | None = None  # perf_counter() when its budget was spent or its loss broke down
 
 
 def optimize_batch(
@@ -146,12 +147,12 @@ def optimize_batch(
             offset += len(t) + 1
             if not math.isfinite(values["total"]):
                 bad = ", ".join(f"{k}={v:g}" for k, v in values.items() if not math.isfinite(v))
+                m.done, m.finished = True, time.perf_counter()
                 m.failure = NonFiniteLossError(
                     f"loss became non-finite at iteration {n} ({bad}); kept the image of iteration {n - 1}",
                     evaluation=n,
                     result=_result(m, start, "nonfinite"),
                 )
-                m.done = True
                 continue
             total = total + s.sum()
             finite.append((m, values))
@@ -164,7 +165,8 @@ def optimize_batch(
             if n in m.snapshot_at:
                 m.snapshots[n] = m.last_image.cpu()
             if n >= m.cfg.iterations:
-                m.done = True  # its budget is spent: the image of this evaluation is its result
+                # Its budget is spent: the image of this evaluation is its result.
+                m.done, m.finished = True, time.perf_counter()
             else:
                 m.opt.step()
         if on_step is not None:
@@ -174,13 +176,15 @@ def optimize_batch(
 
 
 def _result(m: _Member, start: float, reason: str) -> EngineResult:
+    # Wall time from the batch's start to this member's end: the time its result took (shared with the
+    # other members, so a batch member's seconds per evaluation are the batch's, not one run's).
     return EngineResult(
         m.last_image.cpu(),
         list(m.trace),
         len(m.trace),
         len(m.trace),
         reason,
-        time.perf_counter() - start,
+        (m.finished or time.perf_counter()) - start,
         optimizer_settings(m.opt),
         m.objective.precision,
         dict(m.snapshots),

@@ -20,7 +20,6 @@ run is therefore exactly the image a k-evaluation run returns.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable, Collection
@@ -192,7 +191,7 @@ class Objective:
             if self.compiled:
                 try:
                     feats: dict[str, Tensor] = self._extract(x)
-                except Exception as exc:  # noqa: BLE001 - any compiler failure: tell the user the way out
+                except torch._dynamo.exc.TorchDynamoException as exc:  # compilation failed (InductorError...)
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     msg = f"torch.compile failed ({first[:300]}); run without --compile"
                     raise CompileError(msg) from None
@@ -244,10 +243,13 @@ class Objective:
         return out
 
 
-@functools.lru_cache(maxsize=4)
 def _compiled(extractor: FeatureExtractor) -> Callable[[Tensor], dict[str, Tensor]]:
-    # One compiled wrapper per extractor, so that runs after the first reuse its compiled graphs.
-    compiled: Callable[[Tensor], dict[str, Tensor]] = torch.compile(extractor)
+    # One compiled wrapper per extractor, kept on the extractor (so it lives exactly as long), so that runs
+    # after the first reuse its compiled graphs. object.__setattr__: not registered as a submodule.
+    compiled: Callable[[Tensor], dict[str, Tensor]] | None = extractor.__dict__.get("_nstlab_compiled")
+    if compiled is None:
+        compiled = torch.compile(extractor)
+        object.__setattr__(extractor, "_nstlab_compiled", compiled)
     return compiled
 
 

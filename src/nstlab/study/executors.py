@@ -94,8 +94,11 @@ def _runnable(jobs: list[Job]) -> list[str]:
     return [j.id for j in jobs]
 
 
-def _claim(store: Store, jobs: list[Job], opts: RunOptions) -> list[tuple[str, list[str]]]:
-    """The next group, with up to opts.batch - 1 batchable companions (same pair, same batch key)."""
+def _claim(
+    store: Store, jobs: list[Job], opts: RunOptions, groups_so_far: int
+) -> list[tuple[str, list[str]]]:
+    """The next group, with up to opts.batch - 1 batchable companions (same pair, same batch key), never
+    more groups than opts.max_groups leaves."""
     from nstlab.batch import batch_key
 
     keys: dict[str, tuple[str, str] | None] = {}
@@ -106,8 +109,13 @@ def _claim(store: Store, jobs: list[Job], opts: RunOptions) -> list[tuple[str, l
     def compatible(first: str, other: str) -> bool:
         return keys.get(first) is not None and keys.get(first) == keys.get(other)
 
+    limit = max(opts.batch, 1)
+    if opts.max_groups is not None:
+        limit = min(limit, opts.max_groups - groups_so_far)
+    if limit < 1:
+        return []
     return store.claim_groups(
-        _runnable(jobs), retry_failed=opts.retry_failed, limit=max(opts.batch, 1), compatible=compatible
+        _runnable(jobs), retry_failed=opts.retry_failed, limit=limit, compatible=compatible
     )
 
 
@@ -115,7 +123,7 @@ def _run_local(study: Study, store: Store, jobs: list[Job], opts: RunOptions, ba
     by_id = {j.id: j for j in jobs}
     groups = 0
     while opts.max_groups is None or groups < opts.max_groups:
-        claims = _claim(store, jobs, opts)
+        claims = _claim(store, jobs, opts, groups)
         if not claims:
             break
         ids = [i for _, group_ids in claims for i in group_ids]
@@ -227,7 +235,7 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
     try:
         while True:
             while len(in_flight) < capacity and (opts.max_groups is None or groups < opts.max_groups):
-                claims = _claim(store, jobs, opts)
+                claims = _claim(store, jobs, opts, groups)
                 if not claims:
                     break
                 tasks = [make_task(study, [by_id[i] for i in group_ids], device) for _, group_ids in claims]

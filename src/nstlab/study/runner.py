@@ -119,7 +119,6 @@ def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | N
     if len(tasks) == 1:
         return compute_group(tasks[0], on_step)
     plans = [_plan(t) for t in tasks]
-    del on_step  # the batch reports no per-evaluation progress
     with _inputs(tasks[0]) as (content, style):
         try:
             results = stylize_batch(
@@ -127,6 +126,7 @@ def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | N
                 style,
                 [longest for _, longest in plans],
                 snapshot_at=[[cfg["iterations"] for _, cfg in by_iter] for by_iter, _ in plans],
+                on_step=on_step,  # progress and, in the local runner, the claim's heartbeat
             )
         except KeyboardInterrupt:
             raise

@@ -96,10 +96,21 @@ class Study:
 
     def jobs(self) -> list[Job]:
         out: list[Job] = []
+        seen: dict[str, Setting] = {}
         for pair in self.pairs:
             for setting in self.settings:
                 cfg = _make_config(self.base, setting)
-                out.append(Job(identity(cfg, pair), pair, setting, cfg))
+                job = Job(identity(cfg, pair), pair, setting, cfg)
+                if job.id in seen and seen[job.id] is not setting:
+                    # E.g. settings that differ only in NOT_IN_IDENTITY fields (device, checkpoint, ...):
+                    # one job would silently stand for both.
+                    first, fields = seen[job.id].label, ", ".join(NOT_IN_IDENTITY)
+                    raise ConfigError(
+                        f"{self.path}: settings '{first}' and '{setting.label}' compute the same job (they "
+                        f"differ only in {fields}, which do not change results); sweep those separately"
+                    )
+                seen[job.id] = setting
+                out.append(job)
         return out
 
 
@@ -113,13 +124,26 @@ def identity(cfg: StylizeConfig, pair: Pair, *, with_iterations: bool = True) ->
     if not with_iterations:
         data.pop("iterations")
     payload = {
-        "algorithm": ALGORITHM_VERSION,
+        "algorithm": ALGORITHM_VERSION + (1 if _affected_by_relu_fix(cfg) else 0),
         "config": data,
         "content": _sha(pair.content),
         "style": _sha(pair.style),
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _affected_by_relu_fix(cfg: StylizeConfig) -> bool:
+    """Before nstlab 2026-11-27 a requested layer followed by one of torchvision's in-place ReLUs (VGG's
+    conv layers, ResNet's bn1) came back already rectified. Configs using such a layer compute something
+    else now, so their ids change (and only theirs: the report's layers are all ReLU outputs)."""
+    from nstlab.features import get_spec
+
+    resolved = cfg.resolved()
+    names = get_spec(cfg.extractor).layer_names()
+    after = dict(zip(names, names[1:], strict=False))
+    layers = (resolved.content_layers or ()) + (resolved.style_layers or ())
+    return any(after.get(layer, "").startswith("relu") for layer in layers)
 
 
 _SHA_CACHE: dict[tuple[Path, int, int], str] = {}
