@@ -6,6 +6,7 @@ Not part of the nstlab package; the scripts import it as a sibling module (``pyt
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import statistics
@@ -87,6 +88,24 @@ SPEED_FLAGS = (
     "amx_int8",
     "amx_fp16",
 )
+
+
+def start(name: str, threads: int) -> dict[str, Any]:
+    """Set torch's thread count (0: leave torch's choice) and print the run's header lines: the machine
+    and the random-weights note. Returns the machine description for the JSON record."""
+    if threads:
+        torch.set_num_threads(threads)
+    info = machine_info()
+    print(f"# {name}: {describe_machine(info)}")
+    print(f"# {RANDOM_WEIGHTS_NOTE}")
+    return info
+
+
+def write_json(path: str | None, record: Any) -> None:
+    """Write ``record`` as indented JSON to ``path`` (creating its folder); nothing when path is None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def machine_info() -> dict[str, Any]:

@@ -11,7 +11,6 @@ ratios batch/separate, and the largest pixel difference between the two (float r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,13 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         data = C.data_dir(args.data)
         C.require_data(data)
         content, style = C.pair_paths(data, args.pair)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    info = C.machine_info()
-    print(f"# bench_batch: {C.describe_machine(info)}")
-    print(f"# {C.RANDOM_WEIGHTS_NOTE}")
+    info = C.start("bench_batch", args.threads)
     configs = [
         nstlab.StylizeConfig(
             extractor=args.extractor,
@@ -113,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nper member-evaluation: batch {per_eval['batch']:.1f} ms, separate {per_eval['separate']:.1f} ms; "
         f"largest pixel difference {max(x['max_pixel_diff'] for x in rounds):.1e}"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"machine": info, "args": vars(args), "rounds": rounds}, indent=1)
-        )
+    C.write_json(args.json, {"machine": info, "args": vars(args), "rounds": rounds})
     return 0
 
 

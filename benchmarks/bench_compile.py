@@ -12,10 +12,8 @@ difference between the two results (float rounding only).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import _common as C
@@ -39,13 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = C.data_dir(args.data)
     C.require_data(data)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    info = C.machine_info()
-    print(f"# bench_compile: {C.describe_machine(info)}")
-    print(f"# {C.RANDOM_WEIGHTS_NOTE}")
+    info = C.start("bench_compile", args.threads)
     content, style = C.pair_paths(data, args.pair)
     cfg = nstlab.StylizeConfig(
         extractor=args.extractor,
@@ -92,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         eager, comp = med[False][key], med[True][key]
         print(f"| {label} | {eager:.3f} | {comp:.3f} | {comp / eager:.2f} |")
     print(f"\nlargest pixel difference compiled vs eager: {diff:.1e}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "runs": rows}, indent=1))
+    C.write_json(args.json, {"machine": info, "args": vars(args), "runs": rows})
     return 0
 
 

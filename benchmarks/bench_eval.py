@@ -447,9 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         args.engine_iters = 2 if args.engine_iters is None else args.engine_iters
         args.engine_rounds = 1
 
-    info = C.machine_info()
-    print(f"# bench_eval: {C.describe_machine(info)}")
-    print(f"# {C.RANDOM_WEIGHTS_NOTE}")
+    info = C.start("bench_eval", 0)  # threads were set above, before the memory probe
     print(f"# pair {args.pair}, sizes {sizes}, variants {args.variants}", flush=True)
     started = time.perf_counter()
     rows = []
@@ -466,11 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\n# total {time.perf_counter() - started:.0f} s; "
         f"load average now {' '.join(f'{x:.1f}' for x in C.machine_info()['loadavg_at_start'])}"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"machine": info, "pair": args.pair, "rows": rows}, indent=1) + "\n"
-        )
+    C.write_json(args.json, {"machine": info, "pair": args.pair, "rows": rows})
     return 0
 
 

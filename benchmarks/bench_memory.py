@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     data = C.data_dir(args.data)
     C.require_data(data)
     bench = str(Path(__file__).resolve().parent)
-    info = C.machine_info()
-    print(f"# bench_memory: {C.describe_machine(info)}")
-    print(f"# {C.RANDOM_WEIGHTS_NOTE}")
+    info = C.start("bench_memory", 0)  # --threads goes to the subprocesses, which do the work
     out: dict[str, Any] = {"machine": info, "args": vars(args), "evaluation": [], "full": None}
     sizes = [int(s) for s in args.sizes.split(",") if int(s) > 0]
     if sizes:
@@ -172,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"VmHWM {m['hwm'] / 2**30:.2f} GiB"
             )
         out["full"] = full | {"further_lbfgs_bytes": extra}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    C.write_json(args.json, out)
     return 0
 
 

@@ -27,11 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, cast
 
 import _common as C
@@ -169,13 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = C.data_dir(args.data)
     C.require_data(data)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     pairs = [x for x in args.pairs.split(",") if x] or C.pair_names(data)
-
-    info = C.machine_info()
-    print(f"# precision_parity: {C.describe_machine(info)}")
-    print(f"# {C.RANDOM_WEIGHTS_NOTE}")
+    info = C.start("precision_parity", args.threads)
     cfg = StylizeConfig(
         extractor=args.extractor, weights="random", size=args.size, device="cpu", iterations=args.iterations
     )
@@ -288,10 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {name}: {'yes' if ok else 'NO'}")
     verdict = all(checks.values())
     print(f"Verdict: precision=auto {'MAY' if verdict else 'should NOT'} pick bf16 on this machine.")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        record = {"machine": info, "args": vars(args), "rows": rows, "speed": sp, "checks": checks}
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    C.write_json(
+        args.json, {"machine": info, "args": vars(args), "rows": rows, "speed": sp, "checks": checks}
+    )
     return 0
 
 

@@ -29,7 +29,6 @@ counted once it is at full size (the coarse images are not full-size candidates)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -168,13 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = C.data_dir(args.data)
     C.require_data(data)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     max_iters = args.max_iterations or 3 * args.iterations
-
-    info = C.machine_info()
-    print(f"# time_to_quality: {C.describe_machine(info)}")
-    print(f"# {C.RANDOM_WEIGHTS_NOTE}")
+    info = C.start("time_to_quality", args.threads)
     content, style = C.load_pair(data, args.pair, args.size)
     cfg = StylizeConfig(
         extractor=args.extractor, weights="random", size=args.size, device="cpu", iterations=max_iters
@@ -321,10 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{C.median([r['nstlab_s_per_eval'] for r in runs]):.3f}; nstlab's loss after the same "
         f"{args.iterations} evaluations: {runs[0]['nstlab_loss_at_same_budget']:.5g}"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        record = {"machine": info, "args": {k: v for k, v in vars(args).items()}, "runs": runs}
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    C.write_json(args.json, {"machine": info, "args": vars(args), "runs": runs})
     return 0
 
 
