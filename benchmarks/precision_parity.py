@@ -66,14 +66,15 @@ class Autocast(nn.Module):
             inner = copy.deepcopy(inner).to(memory_format=torch.channels_last).eval()
         self.inner = inner
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        # kwargs: what the engine passes an extractor (checkpoint_segments, on_feature, keep).
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.dtype is None:
-            out: dict[str, Tensor] = self.inner(x)
+            out: dict[str, Tensor] = self.inner(x, **kwargs)
             return out
         with torch.autocast("cpu", dtype=self.dtype):
-            out = self.inner(x)
+            out = self.inner(x, **kwargs)
         return out
 
 
