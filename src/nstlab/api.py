@@ -26,7 +26,7 @@ from torch import Tensor
 
 from nstlab import images
 from nstlab.config import StylizeConfig
-from nstlab.engine import CHECKPOINT_AUTO_PIXELS, EngineResult, Progress, optimize, resolve_checkpoint
+from nstlab.engine import EngineResult, Progress, check_compile, optimize, resolve_checkpoint
 from nstlab.errors import (
     ConfigError,
     DeviceError,
@@ -207,12 +207,8 @@ def _setup(
     device = resolve_device(cfg.device)
     inputs = prepare_inputs(content, style, cfg)
     check_optimizer_memory(cfg, device, inputs[2].size)
-    if cfg.compile and resolve_checkpoint(cfg.checkpoint, inputs[2].size[0] * inputs[2].size[1]):
-        # Checked here, before any coarse scale runs (the engine checks again for direct callers).
-        raise ConfigError(
-            "compile does not combine with activation checkpointing, which checkpoint=auto turns on "
-            f"above {CHECKPOINT_AUTO_PIXELS} pixels; pass --checkpoint off or leave out --compile"
-        )
+    # Checked here, before any coarse scale runs (the engine checks again for direct callers).
+    check_compile(cfg, inputs[2].size[0] * inputs[2].size[1])
     return cfg, device, inputs, get_extractor(cfg, device)
 
 
@@ -367,13 +363,13 @@ def stylize_batch(
     batch_info = {"batch_size": len(configs), "time_and_memory": "shared by the batch"}
     results: list[Result | NstlabError] = []
     for member_cfg, out in zip(configs, outcomes, strict=True):
+        engine_result = out.result if isinstance(out, NonFiniteLossError) else out
+        result = _make_result(member_cfg, device, extractor, inputs, engine_result, started)
+        result.record["run"].update(flags, **batch_info)
         if isinstance(out, NonFiniteLossError):
-            out.result = _make_result(member_cfg, device, extractor, inputs, out.result, started)
-            out.result.record["run"].update(flags, **batch_info)
+            out.result = result
             results.append(out)
         else:
-            result = _make_result(member_cfg, device, extractor, inputs, out, started)
-            result.record["run"].update(flags, **batch_info)
             results.append(result)
     return results
 

@@ -54,6 +54,15 @@ def resolve_checkpoint(setting: str, pixels: int) -> bool:
     return setting == "on" or (setting == "auto" and pixels > CHECKPOINT_AUTO_PIXELS)
 
 
+def check_compile(cfg: StylizeConfig, pixels: int) -> None:
+    """ConfigError if ``compile`` meets activation checkpointing (as resolved for ``pixels``)."""
+    if cfg.compile and resolve_checkpoint(cfg.checkpoint, pixels):
+        raise ConfigError(
+            "compile does not combine with activation checkpointing, which checkpoint=auto turns on "
+            f"above {CHECKPOINT_AUTO_PIXELS} pixels; pass --checkpoint off or leave out --compile"
+        )
+
+
 # Above 2048 x 2048 pixels the whole-network activations of VGG-19 reach ~10 GiB (1.8 GiB growth measured
 # at 1024 x 768, linear in pixels); from there on, recomputing costs (~1.5x per evaluation) less than the
 # memory most machines lack. benchmarks/README.md has the measurements.
@@ -118,12 +127,9 @@ class Objective:
         cfg = cfg.resolved()
         self.precision = resolve_precision(cfg.precision, content.device)
         self.autocast_dtype = _DTYPES.get(self.precision)
-        self.checkpoint = resolve_checkpoint(cfg.checkpoint, content.shape[-2] * content.shape[-1])
-        if cfg.compile and self.checkpoint:
-            raise ConfigError(
-                "compile does not combine with activation checkpointing, which checkpoint=auto turns on "
-                f"above {CHECKPOINT_AUTO_PIXELS} pixels; pass --checkpoint off or leave out --compile"
-            )
+        pixels = content.shape[-2] * content.shape[-1]
+        check_compile(cfg, pixels)
+        self.checkpoint = resolve_checkpoint(cfg.checkpoint, pixels)
         self.compiled = cfg.compile
         self._extract: Callable[[Tensor], dict[str, Tensor]] = (
             _compiled(extractor) if cfg.compile else extractor
