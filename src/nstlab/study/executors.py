@@ -99,6 +99,13 @@ def _claim(
 ) -> list[tuple[str, list[str]]]:
     """The next group, with up to opts.batch - 1 batchable companions (same pair, same batch key), never
     more groups than opts.max_groups leaves."""
+    limit = max(opts.batch, 1)
+    if opts.max_groups is not None:
+        limit = min(limit, opts.max_groups - groups_so_far)
+    if limit < 1:
+        return []
+    if limit == 1:  # no batch: no companions to look for
+        return store.claim_groups(_runnable(jobs), retry_failed=opts.retry_failed)
     from nstlab.batch import batch_key
 
     keys: dict[str, tuple[str, str] | None] = {}
@@ -109,11 +116,6 @@ def _claim(
     def compatible(first: str, other: str) -> bool:
         return keys.get(first) is not None and keys.get(first) == keys.get(other)
 
-    limit = max(opts.batch, 1)
-    if opts.max_groups is not None:
-        limit = min(limit, opts.max_groups - groups_so_far)
-    if limit < 1:
-        return []
     return store.claim_groups(
         _runnable(jobs), retry_failed=opts.retry_failed, limit=limit, compatible=compatible
     )
