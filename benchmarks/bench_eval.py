@@ -21,9 +21,8 @@ What is timed:
   ``engine``.
 Optional variants (``--variants``): ``baseline_frozen`` (the baseline with ``requires_grad_(False)``) and
 ``nstlab_cl`` (nstlab's objective with the extractor and its input in channels_last memory format) and
-``nstlab_fastgram`` (nstlab's objective with ``losses.gram_matrix`` swapped, for its own evaluations only,
-for a Gram whose backward is one batched matmul -- see ``fast_gram_matrix``), and both together
-(``nstlab_cl_fastgram``).
+``nstlab_plain`` (nstlab without its two hand-written backward passes, for its own evaluations only:
+autograd's Gram backward and the stem convolution's own input gradient -- see ``plain_paths``).
 
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one evaluation (forward + backward; it counts
 convolutions and matrix products, not element-wise work). Achieved fraction = FLOPs / (seconds per
@@ -57,12 +56,15 @@ from nstlab import losses
 from nstlab.config import StylizeConfig
 from nstlab.engine import Objective, initial_image, optimize
 from nstlab.features import FeatureExtractor, build_extractor, get_spec
+from nstlab.features.subpixel import SubPixelGradConv2d
 from nstlab.optim import make_optimizer
 
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
 
 EXTRACTORS = ("vgg16", "vgg19", "resnet18")
-VARIANTS = ("baseline", "nstlab", "baseline_frozen", "nstlab_cl", "nstlab_fastgram", "nstlab_cl_fastgram")
+VARIANTS = ("baseline", "nstlab", "baseline_frozen", "nstlab_cl", "nstlab_plain")
+# Variants of older result files, still rendered by --render.
+OLD_VARIANTS = ("nstlab_fastgram", "nstlab_cl_fastgram")
 
 
 class ChannelsLast(nn.Module):
@@ -79,45 +81,25 @@ class ChannelsLast(nn.Module):
         return out
 
 
-class _Gram(torch.autograd.Function):
-    """G = s F F^T for F (N, C, M); backward dF = s (dG + dG^T) F: one bmm, no strided add.
-
-    Autograd's own backward of ``bmm(f, f.transpose(1, 2))`` computes the gradient of the transposed
-    operand as an (N, M, C) tensor and then adds its transpose into the (N, C, M) gradient -- a strided
-    add over the whole feature map that costs more than the matmul itself for early VGG layers.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, f: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(f)
-        ctx.scale = scale
-        return torch.bmm(f, f.transpose(1, 2)) * scale
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (f,) = ctx.saved_tensors
-        return torch.bmm(grad + grad.transpose(1, 2), f) * ctx.scale, None
-
-
-def fast_gram_matrix(features: Tensor) -> Tensor:
-    """Drop-in for ``nstlab.losses.gram_matrix`` (same value, same fp32 upcast, normalised by C*H*W)."""
-    n, c, h, w = features.shape
-    f = features.float().reshape(n, c, h * w)
-    return cast(Tensor, _Gram.apply(f, 1.0 / (c * h * w)))
-
-
 @contextlib.contextmanager
-def gram_swapped(fn: Callable[[Tensor], Tensor] | None) -> Iterator[None]:
-    """Temporarily replace ``nstlab.losses.gram_matrix`` (the engine looks it up at call time)."""
-    if fn is None:
+def plain_paths(extractor: nn.Module | None) -> Iterator[None]:
+    """nstlab as it was before its two hand-written backward passes (``nstlab_plain``): autograd's own
+    Gram backward (``losses.gram_matrix_reference``, swapped in; the engine looks ``gram_matrix`` up at
+    call time) and the stem convolution's own input gradient (``subpixel_grad = False``)."""
+    if extractor is None:
         yield
         return
+    stems = [m for m in extractor.modules() if isinstance(m, SubPixelGradConv2d)]
     original = losses.gram_matrix
-    losses.gram_matrix = fn  # type: ignore[assignment]
+    losses.gram_matrix = losses.gram_matrix_reference
+    for m in stems:
+        m.subpixel_grad = False
     try:
         yield
     finally:
         losses.gram_matrix = original
+        for m in stems:
+            m.subpixel_grad = True
 
 
 class NstlabEval:
@@ -130,19 +112,19 @@ class NstlabEval:
         content: Tensor,
         style: Tensor,
         cfg: StylizeConfig,
-        gram: Callable[[Tensor], Tensor] | None = None,
+        plain: bool = False,
     ) -> None:
         cfg = cfg.resolved()
         assert cfg.lr is not None
-        self.gram = gram
-        with gram_swapped(gram):
+        self.plain = extractor if plain else None
+        with plain_paths(self.plain):
             self.objective = Objective(cast(FeatureExtractor, extractor), content, style, cfg)
         self.param = initial_image(cfg, content, style).contiguous().requires_grad_(True)
         self.opt = make_optimizer(cfg.optimizer, self.param, cfg.lr)
         self.last_image = self.param.detach().clone()
 
     def __call__(self) -> float:
-        with gram_swapped(self.gram):
+        with plain_paths(self.plain):
             return self._evaluate()
 
     def _evaluate(self) -> float:
@@ -172,10 +154,8 @@ def build(
         return NstlabEval(extractor, content, style, cfg)
     if variant == "nstlab_cl":
         return NstlabEval(ChannelsLast(extractor), content, style, cfg)
-    if variant == "nstlab_fastgram":
-        return NstlabEval(extractor, content, style, cfg, gram=fast_gram_matrix)
-    if variant == "nstlab_cl_fastgram":
-        return NstlabEval(ChannelsLast(extractor), content, style, cfg, gram=fast_gram_matrix)
+    if variant == "nstlab_plain":
+        return NstlabEval(extractor, content, style, cfg, plain=True)
     raise ValueError(variant)
 
 
@@ -424,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.render).read_text())
         rows = saved["rows"]
         print(f"# {C.describe_machine(saved['machine'])}")
-        print(tables(rows, [v for v in VARIANTS if v in rows[0]]))
+        print(tables(rows, [v for v in VARIANTS + OLD_VARIANTS if v in rows[0]]))
         return 0
     args.data = C.data_dir(args.data)
     C.require_data(args.data)

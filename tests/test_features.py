@@ -11,7 +11,9 @@ from torch import nn
 
 from nstlab.errors import ConfigError, WeightsError
 from nstlab.features import EXTRACTORS, build_extractor, get_spec
+from nstlab.features import subpixel as subpixel_module
 from nstlab.features.base import IMAGENET_MEAN, IMAGENET_STD
+from nstlab.features.subpixel import SubPixelGradConv2d, subpixel_input_grad
 
 
 @pytest.mark.parametrize(
@@ -327,3 +329,72 @@ def test_segmented_forward_without_gradients_streams_layers() -> None:
     assert list(seen) == ["relu1_2", "relu2_2"]
     for layer in seen:
         torch.testing.assert_close(seen[layer], plain[layer], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"), [(7, 2, 3), (3, 2, 1), (4, 2, 1), (5, 3, 2), (1, 2, 0), (6, 4, 1)]
+)
+@pytest.mark.parametrize("hw", [(32, 48), (33, 47), (7, 9)])
+def test_subpixel_input_grad_equals_the_convolutions_own(
+    kernel: int, stride: int, padding: int, hw: tuple[int, int]
+) -> None:
+    # The sub-pixel form of a strided convolution's input gradient (one stride-1 convolution + pixel
+    # shuffle) against autograd's, in float64: odd sizes, kernels wider and narrower than the stride.
+    gen = torch.Generator().manual_seed(kernel * 100 + stride * 10 + padding)
+    x = torch.randn(2, 3, *hw, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(8, 3, kernel, kernel, dtype=torch.float64, generator=gen)
+    y = nn.functional.conv2d(x, w, stride=stride, padding=padding)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    (expected,) = torch.autograd.grad(y, x, g)
+    got = subpixel_input_grad(g, w, hw, stride, padding)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_resnet_stem_uses_the_subpixel_gradient_only_where_it_is_the_same_computation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = get_spec("resnet18")
+    ext = build_extractor(spec, spec.style_layers, "random")
+    stem = ext.body.conv1
+    assert isinstance(stem, SubPixelGradConv2d)  # same keys: body.conv1.weight
+    assert "body.conv1.weight" in ext.state_dict() and "body.conv1.weight" in dict(ext.named_parameters())
+    assert not any(
+        isinstance(m, SubPixelGradConv2d)
+        for m in build_extractor(get_spec("vgg19"), ["relu1_1"], "random").modules()
+    )
+
+    calls: list[int] = []
+    original = subpixel_module.subpixel_input_grad
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    x0 = torch.rand(1, 3, 45, 61, generator=torch.Generator().manual_seed(3))
+
+    def image_grad(*, subpixel: bool = True, autocast: bool = False) -> torch.Tensor:
+        stem.subpixel_grad = subpixel
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            feats = ext(x)
+        sum((f.float() ** 2).mean() for f in feats.values()).backward()  # type: ignore[union-attr]
+        assert x.grad is not None
+        return x.grad
+
+    monkeypatch.setattr(subpixel_module, "subpixel_input_grad", counting)
+    fast = image_grad()
+    assert calls == [1]
+    plain = image_grad(subpixel=False)
+    image_grad(autocast=True)  # reduced precision: the plain convolution
+    with torch.no_grad():
+        ext(x0)  # the targets' pass: no gradient, nothing to do
+    assert calls == [1]
+    stem.subpixel_grad = True
+    # float32: the two forms sum in another order (float64 equality: the test above and
+    # test_freezing_and_truncation_do_not_change_the_image_gradient, which runs the subpixel path).
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+    # Trainable weights (not nstlab's case) get their gradients from the plain path.
+    ext.requires_grad_(True)
+    x = x0.clone().requires_grad_(True)
+    ext(x)["conv1"].sum().backward()
+    assert stem.weight.grad is not None and x.grad is not None

@@ -214,11 +214,11 @@ class Objective:
 
         def layer_losses(name: str, feature: Tensor) -> None:
             # Checkpointed pass: each layer's loss is built as soon as its activation exists (see
-            # FeatureExtractor.forward), with the Gram whose backward needs the least memory.
+            # FeatureExtractor.forward).
             if name in self.content_layers:
                 content_parts.append(losses.content_loss(feature, self.content_targets[name]))
             if name in self.style_weights:
-                grams[name] = losses.gram_matrix_low_memory(feature)
+                grams[name] = losses.gram_matrix(feature)
 
         if self.content_layers or self.style_weights:
             feats = self.features(x, layer_losses if self.checkpoint else None)

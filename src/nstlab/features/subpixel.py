@@ -1,0 +1,150 @@
+"""A faster input gradient for a strided convolution with few input channels: ResNet's 7x7/2 stem.
+
+Style transfer differentiates with respect to the image, so every evaluation computes the stem's input
+gradient: a transposed convolution from 64 channels down to 3, with stride 2. oneDNN runs that at a tenth
+of its usual speed on CPU (3 output channels do not fill a vector register; ~12 % of a whole ResNet-18
+evaluation at 512 px, measured in ``benchmarks/README.md``). The same numbers come out of an ordinary
+stride-1 convolution with s*s*3 output channels followed by a pixel shuffle (the "sub-pixel" form of a
+transposed convolution, Shi et al. 2016), which runs about 2.5x faster here.
+
+Derivation. The forward pass is y[o, i] = sum_{c, k} w[o, c, k] x[c, s*i + k - p] (one spatial dimension
+shown; the other is the same). Its input gradient at row s*m + a (phase a in [0, s)) collects the kernel
+taps k = s*d + a + p for d = m - i:
+
+    dx[c, s*m + a] = sum_o sum_d w[o, c, s*d + a + p] * g[o, m - d]
+
+which, for each phase a, is a cross-correlation of g with the kernel taps of that phase (a tap index
+outside [0, K) contributes zero). Stacking the s*s phases as output channels gives one convolution; the
+pixel shuffle interleaves the phases back into rows s*m + a.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+
+def _taps(kernel: int, stride: int, padding: int) -> tuple[Tensor, int, int]:
+    """(index, d_max, d_min): index[a, t] is the kernel tap that phase a reads at offset t of the phase
+    kernel (``kernel`` where there is none: the zero row appended to the weight)."""
+    d_max = (kernel - 1 - padding) // stride
+    d_min = -((stride - 1 + padding) // stride)
+    index = torch.full((stride, d_max - d_min + 1), kernel, dtype=torch.long)
+    for a in range(stride):
+        for t, d in enumerate(range(d_max, d_min - 1, -1)):  # correlation: offset t reads g[m + t - d_max]
+            k = stride * d + a + padding
+            if 0 <= k < kernel:
+                index[a, t] = k
+    return index, d_max, d_min
+
+
+def subpixel_input_grad(
+    grad_out: Tensor, weight: Tensor, input_hw: tuple[int, int], stride: int, padding: int
+) -> Tensor:
+    """The input gradient of ``F.conv2d(x, weight, stride=stride, padding=padding)`` (square kernel, stride
+    and padding, groups 1, dilation 1) for output gradient ``grad_out``, computed as one stride-1
+    convolution plus a pixel shuffle."""
+    out_c, in_c, kernel, _ = weight.shape
+    s = stride
+    index, d_max, d_min = _taps(kernel, s, padding)
+    index = index.to(weight.device)
+    padded = F.pad(weight, (0, 1, 0, 1))  # tap index ``kernel`` reads this zero row / column
+    # (O, C, s, s, T, T): phase (a, b), offsets (t, u)
+    sub = padded[:, :, index[:, None, :, None], index[None, :, None, :]]
+    taps = index.shape[1]
+    sub = sub.permute(1, 2, 3, 0, 4, 5).reshape(in_c * s * s, out_c, taps, taps)
+    height, width = input_hw
+    hy, wy = grad_out.shape[-2:]
+    # Enough phase rows for every input row: ceil(H / s); the top/left padding aligns offset 0 with d_max.
+    bottom = max(-d_min, math.ceil(height / s) - hy + taps - 1 - d_max)
+    right = max(-d_min, math.ceil(width / s) - wy + taps - 1 - d_max)
+    phases = F.conv2d(F.pad(grad_out, (d_max, right, d_max, bottom)), sub)
+    return F.pixel_shuffle(phases, s)[..., :height, :width]
+
+
+class _SubPixelGradConv(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int
+    ) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.conf = (tuple(x.shape[-2:]), stride, padding)
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        (weight,) = ctx.saved_tensors
+        input_hw, stride, padding = ctx.conf
+        return (
+            subpixel_input_grad(grad.contiguous(), weight, input_hw, stride, padding),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class SubPixelGradConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters, same state-dict keys, same forward) whose input gradient is computed
+    in the sub-pixel form. Used where it measured faster and is exactly the same computation: on CPU, in
+    full precision, for a frozen convolution whose input needs a gradient; everywhere else (autocast,
+    CUDA, torch.compile, trainable weights, ``subpixel_grad = False``) it is a plain ``nn.Conv2d``."""
+
+    subpixel_grad: bool = True
+
+    @staticmethod
+    def applies_to(module: nn.Module) -> bool:
+        """A convolution this replacement is written for: square stride > 1, few input channels."""
+        return (
+            type(module) is nn.Conv2d
+            and module.in_channels <= 4
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and module.dilation == (1, 1)
+            and module.stride[0] == module.stride[1] > 1
+            and module.kernel_size[0] == module.kernel_size[1]
+            and isinstance(module.padding, tuple)
+            and module.padding[0] == module.padding[1]
+        )
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> SubPixelGradConv2d:
+        """A replacement sharing ``conv``'s parameter objects (no copy; works on the meta device too)."""
+        assert cls.applies_to(conv) and isinstance(conv.padding, tuple)  # square: one number each
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size[0],
+            stride=conv.stride[0],
+            padding=conv.padding[0],
+            bias=conv.bias is not None,
+            device="meta",
+        )
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.subpixel_grad
+            and x.requires_grad
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not self.weight.requires_grad
+            and (self.bias is None or not self.bias.requires_grad)
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            stride, padding = self.stride[0], self.padding
+            assert isinstance(padding, tuple)
+            out: Tensor = _SubPixelGradConv.apply(x, self.weight, self.bias, stride, padding[0])
+            return out
+        return super().forward(x)
