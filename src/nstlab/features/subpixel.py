@@ -60,10 +60,15 @@ def subpixel_input_grad(
     sub = sub.permute(1, 2, 3, 0, 4, 5).reshape(in_c * s * s, out_c, taps, taps)
     height, width = input_hw
     hy, wy = grad_out.shape[-2:]
-    # Enough phase rows for every input row: ceil(H / s); the top/left padding aligns offset 0 with d_max.
-    bottom = max(-d_min, math.ceil(height / s) - hy + taps - 1 - d_max)
-    right = max(-d_min, math.ceil(width / s) - wy + taps - 1 - d_max)
-    phases = F.conv2d(F.pad(grad_out, (d_max, right, d_max, bottom)), sub)
+    # Phase row m reads g rows m - d_max .. m - d_min: zero padding of d_max above and enough below for
+    # ceil(H / s) phase rows. The convolution's own (symmetric) padding is the larger of the two; the rows
+    # it adds at the top are sliced off (cheaper than materialising an asymmetrically padded copy of g).
+    bottom = math.ceil(height / s) - hy + taps - 1 - d_max
+    right = math.ceil(width / s) - wy + taps - 1 - d_max
+    pad_h, pad_w = max(d_max, bottom, 0), max(d_max, right, 0)
+    phases = F.conv2d(grad_out, sub, padding=(pad_h, pad_w))
+    top, left = pad_h - d_max, pad_w - d_max
+    phases = phases[..., top : top + math.ceil(height / s), left : left + math.ceil(width / s)]
     return F.pixel_shuffle(phases, s)[..., :height, :width]
 
 
