@@ -233,6 +233,28 @@ def check_optimizer_memory(cfg: StylizeConfig, device: torch.device, size: tuple
     )
 
 
+def _check_batch_optimizer_memory(
+    configs: Sequence[StylizeConfig], device: torch.device, size: tuple[int, int]
+) -> None:
+    """A batch's L-BFGS members keep their curvature pairs side by side: refuse (ResourceError) a batch
+    whose members' states together would take most of the device's memory, as check_optimizer_memory does
+    for one run."""
+    pixels = size[0] * size[1]
+    states = [
+        lbfgs_state_bytes(pixels, c.lbfgs_history, c.iterations)
+        for c in (c.resolved() for c in configs)
+        if c.optimizer == "lbfgs"
+    ]
+    total = total_bytes(device)
+    if len(states) < 2 or total is None or sum(states) <= 0.8 * total:
+        return
+    raise ResourceError(
+        f"the batch's {len(states)} L-BFGS members keep {sum(states) / 2**30:.1f} GiB of curvature pairs "
+        f"together at {size[0]}x{size[1]} px, more than this {device.type} device's {total / 2**30:.0f} GiB "
+        "allows; batch fewer settings (a smaller --batch) or pass a smaller --lbfgs-history"
+    )
+
+
 def stylize(
     content: ImageInput | InputImage,
     style: ImageInput | InputImage,
@@ -334,7 +356,7 @@ def stylize_batch(
     snapshot_at: Sequence[Collection[int]] | None = None,
     on_step: Callable[[Progress], None] | None = None,
 ) -> list[Result | NstlabError]:
-    """Several Adam/AdamW settings on one pair in one batched run (see :mod:`nstlab.batch`): the same
+    """Several settings on one pair in one batched run (see :mod:`nstlab.batch`): the same
     results as separate :func:`stylize` calls up to float rounding. Returns a Result per config, or the
     error that config's own run raised (a non-finite loss stops only that member; its ``.result`` holds
     the last finite image). Configs must share :func:`nstlab.batch.batch_key`, else ConfigError.
@@ -347,12 +369,13 @@ def stylize_batch(
     keys = {batch_key(c) for c in configs}
     if None in keys or len(keys) != 1:
         raise ConfigError(
-            "a batch needs Adam/AdamW configs at one scale that differ only in their optimiser, "
-            "learning rate, initialisation, seed, iterations or loss terms and weights"
+            "a batch needs configs at one scale, without --compile, that differ only in their optimiser, "
+            "learning rate, L-BFGS history, initialisation, seed, iterations or loss terms and weights"
         )
     cfg, device, inputs, extractor = _setup(content, style, configs[0], {})
     for other in configs[1:]:
         check_optimizer_memory(other, device, inputs[2].size)
+    _check_batch_optimizer_memory(configs, device, inputs[2].size)
     c = images.to_tensor(inputs[2]).to(device)
     s = images.to_tensor(inputs[3]).to(device)
     reset_peak(device)

@@ -1,45 +1,46 @@
-"""Several Adam/AdamW stylisations of one pair in one batched forward and backward pass.
+"""Several stylisations of one pair in one batched forward and backward pass.
 
-Studies sweep settings on the same pair: learning rates, Adam against AdamW, initialisations, loss
-weights. For Adam and AdamW such runs can share each evaluation exactly:
+Studies sweep settings on the same pair: optimisers, learning rates, initialisations, loss terms and
+weights, iteration counts. Such runs can share each evaluation exactly:
 
-* every member keeps its own image parameter and its own optimiser (state, learning rate, step count),
-  so its update is the one a separate run makes;
-* the extractor sees the members' images stacked along the batch dimension; convolutions, ReLUs,
-  poolings and BatchNorm in eval mode treat every batch element on its own, so member i's activations
-  are those of its separate run, and the summed loss gives member i exactly its own gradient;
+* every member is a separate run of :func:`nstlab.engine.optimize` (in its own thread), with its own image
+  parameter and its own optimiser: Adam's moments, or L-BFGS's curvature history, step count, line of
+  search and convergence test -- torch's own ``LBFGS``, one instance per member. Only the evaluation is
+  shared: each member hands its parameter to the batch and waits; when every running member has done so,
+  one of them runs the extractor on the members' images stacked along the batch dimension, gives each
+  member its own terms, and one backward pass of the summed totals fills every member's own gradient;
+* convolutions, ReLUs, poolings and BatchNorm in eval mode treat every batch element on its own, so member
+  i's activations, loss and gradient are those of its separate run;
 * targets (content features, style Grams) are computed once: they depend only on the pair, the layers and
   the precision, which members must share (see :func:`batch_key`).
 
-Only float rounding differs (a batched convolution may use other kernels): tests/test_batch.py checks the
-results against separate runs. L-BFGS is not batched: each problem would need its own curvature history,
-step count and convergence test inside torch's single-tensor LBFGS, and the engine stops L-BFGS inside a
-step when the budget is spent; separate runs stay the path for it.
+Members finish independently (budget spent, L-BFGS converged, loss non-finite) and the batch shrinks.
+Only float rounding can differ from separate runs (a batched convolution may use other kernels):
+tests/test_batch.py checks Adam, AdamW and L-BFGS members against separate runs.
 
 Whether batching is faster depends on the device: on the 2-core CPU of benchmarks/README.md four Adam runs
-as one batch took 0.95x the time of four separate runs (0.98x for the optimisation alone: convolutions
-already fill the cores there; the saving is the targets, computed once), with identical pixels. A batch
-needs N times the activation memory, so studies batch only when asked (``nstlab study run --batch N``).
+as one batch took 0.95x the time of four separate runs (convolutions already fill the cores there; the
+saving is the targets, computed once), with identical pixels. A batch needs N times the activation memory,
+so studies batch only when asked (``nstlab study run --batch N``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from nstlab.config import StylizeConfig
-from nstlab.engine import EngineResult, Objective, Progress, initial_image
-from nstlab.errors import NonFiniteLossError
+from nstlab.engine import EngineResult, NonFiniteEvaluation, Objective, Progress, optimize
+from nstlab.errors import NonFiniteLossError, StylizeInterrupted
 from nstlab.features import FeatureExtractor
-from nstlab.optim import make_optimizer, optimizer_settings
 
-BATCHABLE_OPTIMIZERS = ("adam", "adamw")
+BATCHABLE_OPTIMIZERS = ("adam", "adamw", "lbfgs")
 # Fields that may differ between the members of a batch: each only changes a member's own loss terms,
 # starting point or optimiser. Everything else (extractor, layers, weights, size, precision, device, ...)
 # must be equal, because the members share one forward pass and one set of targets.
@@ -67,21 +68,6 @@ def batch_key(cfg: StylizeConfig) -> str | None:
     return json.dumps(shared, sort_keys=True)
 
 
-@dataclass
-class _Member:
-    cfg: StylizeConfig
-    objective: Objective
-    param: Tensor
-    opt: torch.optim.Optimizer
-    snapshot_at: set[int]
-    trace: list[dict[str, float]]
-    snapshots: dict[int, Tensor]
-    last_image: Tensor
-    failure: NonFiniteLossError | None = None
-    done: bool = False
-    finished: float | None = None  # perf_counter() when its budget was spent or its loss broke down
-
-
 def optimize_batch(
     extractor: FeatureExtractor,
     content: Tensor,
@@ -91,102 +77,160 @@ def optimize_batch(
     snapshot_at: Sequence[Collection[int]] | None = None,
     on_step: Callable[[Progress], None] | None = None,
 ) -> list[EngineResult | NonFiniteLossError]:
-    """Run ``configs`` (Adam/AdamW, one :func:`batch_key`) on one pair together. Returns, per config, its
-    EngineResult or, if its loss broke down, the NonFiniteLossError a separate run raises (with the last
-    finite image in ``.result``); the other members go on. ``on_step`` reports the batch's evaluations
-    with the members' summed losses."""
+    """Run ``configs`` (one :func:`batch_key`) on one pair together. Returns, per config, its EngineResult
+    or, if its loss broke down, the NonFiniteLossError a separate run raises (with the last finite image in
+    ``.result``); the other members go on. ``on_step`` reports the batch's evaluations with the members'
+    summed losses. Ctrl-C stops every member and raises KeyboardInterrupt."""
     if not configs:
         return []
     cfgs = [c.resolved() for c in configs]
     keys = {batch_key(c) for c in cfgs}
     if None in keys or len(keys) != 1:
-        raise ValueError("optimize_batch needs Adam/AdamW configs that share one batch_key")
+        raise ValueError("optimize_batch needs configs that share one batch_key")
     snapshot_at = snapshot_at or [()] * len(cfgs)
     # The targets once, with every term on, so that any member's terms can take theirs from it.
     shared = Objective(extractor, content, style, cfgs[0].replace(losses=("content", "style", "tv")))
-    members: list[_Member] = []
-    for cfg, snaps in zip(cfgs, snapshot_at, strict=True):
-        assert cfg.lr is not None
-        torch.manual_seed(cfg.seed)  # as optimize() does (nothing random follows today; kept for parity)
-        param = initial_image(cfg, content, style).contiguous().requires_grad_(True)
-        members.append(
-            _Member(
-                cfg=cfg,
-                objective=Objective(extractor, content, style, cfg, targets=shared),
-                param=param,
-                opt=make_optimizer(cfg.optimizer, param, cfg.lr, cfg.lbfgs_history),
-                snapshot_at=set(snaps),
-                trace=[],
-                snapshots={},
-                last_image=param.detach().clamp(0.0, 1.0),
+    objectives = [Objective(extractor, content, style, cfg, targets=shared) for cfg in cfgs]
+    batch = _SharedEvaluations(shared, max(c.iterations for c in cfgs), on_step)
+    outcomes: list[EngineResult | BaseException | None] = [None] * len(cfgs)
+
+    def member(i: int) -> None:
+        try:
+            outcomes[i] = optimize(
+                extractor,
+                content,
+                style,
+                cfgs[i],
+                snapshot_at=snapshot_at[i],
+                objective=objectives[i],
+                evaluate=batch.evaluator(i),
             )
-        )
-    budget = max(c.iterations for c in cfgs)
-    start = time.perf_counter()
-    for n in range(1, budget + 1):
-        active = [m for m in members if not m.done]
-        if not active:
-            break
-        for m in active:
-            m.opt.zero_grad(set_to_none=True)
-        xs = [m.param.clamp(0.0, 1.0) for m in active]
-        feats = shared.features(torch.cat(xs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            outcomes[i] = exc
+        finally:
+            batch.leave(i)
+
+    threads = [threading.Thread(target=member, args=(i,), name=f"nstlab-batch-{i}") for i in range(len(cfgs))]
+    batch.join(range(len(cfgs)))
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # with a timeout: a blocking join() would not see Ctrl-C
+    except KeyboardInterrupt:
+        batch.abort()
+        for t in threads:
+            t.join()
+        raise
+    results: list[EngineResult | NonFiniteLossError] = []
+    for out in outcomes:
+        if isinstance(out, (EngineResult, NonFiniteLossError)):
+            results.append(out)
+        elif isinstance(out, StylizeInterrupted):
+            raise KeyboardInterrupt
+        else:
+            assert isinstance(out, BaseException)
+            raise out
+    return results
+
+
+class _SharedEvaluations:
+    """The rendezvous of a batch's members: each running member submits its parameter and blocks; the
+    member that completes the set evaluates them all (so exactly one thread computes at any time) and
+    wakes the others with their own numbers, their gradients already in ``param.grad``."""
+
+    def __init__(self, shared: Objective, budget: int, on_step: Callable[[Progress], None] | None) -> None:
+        self.shared = shared
+        self.budget = budget
+        self.on_step = on_step
+        self.cond = threading.Condition()
+        self.running: set[int] = set()
+        self.submitted: dict[int, tuple[Objective, Tensor]] = {}
+        self.answers: dict[int, tuple[dict[str, float], Tensor] | BaseException] = {}
+        self.aborted = False
+        self.evaluations = 0
+        self.start = time.perf_counter()
+
+    def join(self, members: Iterable[int]) -> None:
+        with self.cond:
+            self.running.update(members)
+
+    def evaluator(self, i: int) -> Callable[[Objective, Tensor], tuple[dict[str, float], Tensor]]:
+        def evaluate(objective: Objective, param: Tensor) -> tuple[dict[str, float], Tensor]:
+            with self.cond:
+                if self.aborted:
+                    raise KeyboardInterrupt
+                self.submitted[i] = (objective, param)
+                self._run_if_complete()
+                while i not in self.answers:
+                    self.cond.wait()
+                answer = self.answers.pop(i)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+        return evaluate
+
+    def leave(self, i: int) -> None:
+        with self.cond:
+            self.running.discard(i)
+            self._run_if_complete()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            for i in self.submitted:
+                self.answers[i] = KeyboardInterrupt()
+            self.submitted.clear()
+            self.cond.notify_all()
+
+    def _run_if_complete(self) -> None:
+        # Called with the lock held; every running member is waiting, so no one else touches tensors now.
+        if not self.submitted or len(self.submitted) < len(self.running):
+            return
+        order = sorted(self.submitted)  # a fixed stacking order: same configs, same pixels
+        work = [self.submitted[i] for i in order]
+        self.submitted.clear()
+        try:
+            answers: list[tuple[dict[str, float], Tensor] | BaseException] = self._evaluate(work)
+        except BaseException as exc:  # noqa: BLE001 - every waiting member raises it
+            answers = [exc] * len(order)
+        self.answers.update(zip(order, answers, strict=True))
+        self.cond.notify_all()
+
+    def _evaluate(
+        self, work: list[tuple[Objective, Tensor]]
+    ) -> list[tuple[dict[str, float], Tensor] | BaseException]:
+        """What :func:`nstlab.engine.evaluate_objective` does for one member, for all of them at once."""
+        xs = [param.clamp(0.0, 1.0) for _, param in work]
+        feats = self.shared.features(torch.cat(xs))
         member_terms = [
-            m.objective.terms_from_features(m.param, x, {k: v[i : i + 1] for k, v in feats.items()})
-            for i, (m, x) in enumerate(zip(active, xs, strict=True))
+            objective.terms_from_features(param, x, {k: v[j : j + 1] for k, v in feats.items()})
+            for j, ((objective, param), x) in enumerate(zip(work, xs, strict=True))
         ]
         del feats
         stacked = [torch.stack(list(t.values())) for t in member_terms]
         # One host sync per evaluation for every member's numbers.
         numbers = torch.cat([torch.cat([s.detach(), s.detach().sum().reshape(1)]) for s in stacked]).tolist()
-        total = torch.zeros((), device=content.device)
-        finite: list[tuple[_Member, dict[str, float]]] = []
+        answers: list[tuple[dict[str, float], Tensor] | BaseException] = []
+        total = torch.zeros((), device=xs[0].device)
         offset = 0
-        for m, t, s in zip(active, member_terms, stacked, strict=True):
+        for t, s in zip(member_terms, stacked, strict=True):
             values = dict(zip([*t, "total"], numbers[offset : offset + len(t) + 1], strict=True))
             offset += len(t) + 1
-            if not math.isfinite(values["total"]):
-                bad = ", ".join(f"{k}={v:g}" for k, v in values.items() if not math.isfinite(v))
-                m.done, m.finished = True, time.perf_counter()
-                m.failure = NonFiniteLossError(
-                    f"loss became non-finite at iteration {n} ({bad}); kept the image of iteration {n - 1}",
-                    evaluation=n,
-                    result=_result(m, start, "nonfinite"),
-                )
-                continue
-            total = total + s.sum()
-            finite.append((m, values))
-        if not finite:
-            continue
-        total.backward()  # type: ignore[no-untyped-call]
-        for m, values in finite:
-            m.trace.append(values)
-            m.last_image = m.param.detach().clamp(0.0, 1.0)
-            if n in m.snapshot_at:
-                m.snapshots[n] = m.last_image.cpu()
-            if n >= m.cfg.iterations:
-                # Its budget is spent: the image of this evaluation is its result.
-                m.done, m.finished = True, time.perf_counter()
+            if math.isfinite(values["total"]):
+                member_total = s.sum()
+                total = total + member_total
+                answers.append((values, member_total.detach()))
             else:
-                m.opt.step()
-        if on_step is not None:
-            summed = {"total": sum(v["total"] for _, v in finite)}
-            on_step(Progress(n, budget, n, summed, time.perf_counter() - start))
-    return [m.failure if m.failure is not None else _result(m, start, "budget") for m in members]
-
-
-def _result(m: _Member, start: float, reason: str) -> EngineResult:
-    # Wall time from the batch's start to this member's end: the time its result took (shared with the
-    # other members, so a batch member's seconds per evaluation are the batch's, not one run's).
-    return EngineResult(
-        m.last_image.cpu(),
-        list(m.trace),
-        len(m.trace),
-        len(m.trace),
-        reason,
-        (m.finished or time.perf_counter()) - start,
-        optimizer_settings(m.opt),
-        m.objective.precision,
-        dict(m.snapshots),
-        m.objective.checkpoint,
-    )
+                answers.append(NonFiniteEvaluation(values))  # that member stops; its loss is left out
+        if total.requires_grad:
+            total.backward()  # type: ignore[no-untyped-call]
+        self.evaluations += 1
+        if self.on_step is not None:
+            summed = sum(a[0]["total"] for a in answers if not isinstance(a, BaseException))
+            elapsed = time.perf_counter() - self.start
+            n = self.evaluations
+            self.on_step(Progress(n, self.budget, n, {"total": summed}, elapsed))
+        return answers

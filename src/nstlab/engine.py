@@ -104,7 +104,10 @@ class _BudgetSpent(Exception):
     """Raised by the closure instead of evaluating past the budget; ends an L-BFGS step cleanly."""
 
 
-class _NonFinite(Exception):
+class NonFiniteEvaluation(Exception):
+    """An evaluation's total was NaN/inf (raised before backward); optimize() turns it into
+    NonFiniteLossError with the last finite image."""
+
     def __init__(self, losses: dict[str, float]) -> None:
         super().__init__()
         self.losses = losses
@@ -271,6 +274,21 @@ def initial_image(cfg: StylizeConfig, content: Tensor, style: Tensor) -> Tensor:
     return resized.clamp(0.0, 1.0).contiguous()
 
 
+def evaluate_objective(objective: Objective, param: Tensor) -> tuple[dict[str, float], Tensor]:
+    """One evaluation: the weighted terms at ``param`` and their total as numbers (one host sync for all
+    of them), then backward into ``param.grad``. Raises NonFiniteEvaluation, before backward, on a NaN or
+    infinite total. Returns the numbers and the (detached) total."""
+    terms = objective.terms(param)
+    stacked = torch.stack(list(terms.values()))
+    total = stacked.sum()
+    numbers = torch.cat([stacked.detach(), total.detach().reshape(1)]).tolist()
+    values = dict(zip([*terms, "total"], numbers, strict=True))
+    if not math.isfinite(values["total"]):
+        raise NonFiniteEvaluation(values)
+    total.backward()  # type: ignore[no-untyped-call]
+    return values, total.detach()
+
+
 def optimize(
     extractor: FeatureExtractor,
     content: Tensor,
@@ -280,17 +298,25 @@ def optimize(
     on_step: Callable[[Progress], None] | None = None,
     snapshot_at: Collection[int] = (),
     init: Tensor | None = None,
+    objective: Objective | None = None,
+    evaluate: Callable[[Objective, Tensor], tuple[dict[str, float], Tensor]] | None = None,
 ) -> EngineResult:
     """Run the optimisation. ``content`` and ``style`` are (1, 3, H, W) tensors in [0, 1] on one device.
 
     Raises NonFiniteLossError (with the last finite image in ``.result``) when the loss becomes NaN/inf and
     StylizeInterrupted (with the current image in ``.result``) on Ctrl-C. ``init`` overrides ``cfg.init``
     with a given starting image (coarse-to-fine passes the upsampled coarse result).
+
+    ``objective`` (built for ``cfg``, e.g. with shared targets) and ``evaluate`` (default
+    :func:`evaluate_objective`) let a batch of runs share their evaluations (:mod:`nstlab.batch`); every
+    other step is this function's own, so a batch member does exactly what a separate run does.
     """
     cfg = cfg.resolved()
     assert cfg.lr is not None
     torch.manual_seed(cfg.seed)
-    objective = Objective(extractor, content, style, cfg)
+    if objective is None:
+        objective = Objective(extractor, content, style, cfg)
+    evaluate = evaluate or evaluate_objective
     # A contiguous NCHW leaf: L-BFGS flattens gradients with .view(-1), which fails on other layouts.
     start_image = initial_image(cfg, content, style) if init is None else init.detach().clone()
     param = start_image.contiguous().requires_grad_(True)
@@ -310,15 +336,7 @@ def optimize(
         if state["evals"] >= budget:
             raise _BudgetSpent
         opt.zero_grad(set_to_none=True)
-        terms = objective.terms(param)
-        stacked = torch.stack(list(terms.values()))
-        total = stacked.sum()
-        # One host sync per evaluation for all the numbers the trace needs.
-        numbers = torch.cat([stacked.detach(), total.detach().reshape(1)]).tolist()
-        values = dict(zip([*terms, "total"], numbers, strict=True))
-        if not math.isfinite(values["total"]):
-            raise _NonFinite(values)
-        total.backward()  # type: ignore[no-untyped-call]
+        values, total = evaluate(objective, param)
         state["evals"] += 1
         n = state["evals"]
         trace.append(values)
@@ -368,7 +386,7 @@ def optimize(
             if before is not None and torch.equal(before, param.detach()):
                 reason = "converged"
                 break
-    except _NonFinite as exc:
+    except NonFiniteEvaluation as exc:
         n = state["evals"] + 1
         bad = ", ".join(f"{k}={v:g}" for k, v in exc.losses.items() if not math.isfinite(v))
         raise NonFiniteLossError(
