@@ -109,7 +109,7 @@ def test_batched_evaluation_equals_separate_evaluations(pair: tuple[Path, Path])
     objectives = [Objective(extractor, content, style, c, targets=shared) for c in configs]
     params = [initial_image(c.resolved(), content, style).requires_grad_(True) for c in configs]
     work = list(zip(objectives, params, strict=True))
-    answers = _SharedEvaluations(shared, 1, None)._evaluate(work)
+    answers = _SharedEvaluations(shared, 1)._evaluate(work)
     for (objective, param), answer in zip(work, answers, strict=True):
         assert not isinstance(answer, BaseException)
         batched_grad, param.grad = param.grad, None
@@ -176,9 +176,17 @@ def test_lbfgs_members_states_must_fit_together(
 
 def test_batch_reports_progress_and_per_member_times(pair: tuple[Path, Path]) -> None:
     seen: list[int] = []
-    short, long = tiny_config(optimizer="adam", iterations=2), tiny_config(optimizer="adam", iterations=9)
-    out = nstlab.stylize_batch(*pair, [short, long], on_step=lambda p: seen.append(p.evaluation))
+    threads: set[int] = set()
+
+    def on_step(p: nstlab.Progress) -> None:
+        seen.append(p.evaluation)
+        threads.add(threading.get_ident())
+
+    short, long = tiny_config(optimizer="adam", iterations=2), tiny_config(iterations=9)
+    out = nstlab.stylize_batch(*pair, [short, long], on_step=on_step)
     assert seen == list(range(1, 10))  # the study runner's heartbeat and progress bar hang on this
+    # ... on the caller's thread: the heartbeat writes through an sqlite connection made there.
+    assert threads == {threading.get_ident()}
     assert isinstance(out[0], nstlab.Result) and isinstance(out[1], nstlab.Result)
     assert out[0].engine.wall_time_s < out[1].engine.wall_time_s  # each member's own end
     assert out[0].record["run"]["time_and_memory"] == "shared by the batch"
@@ -228,6 +236,19 @@ def test_study_batches_give_the_unbatched_results(tmp_path: Path) -> None:
         assert row["metrics"]["psnr"] == pytest.approx(plain["metrics"]["psnr"], abs=0.05), key
         record = json.loads((folders[4] / row["record"]).read_text())
         assert record["run"].get("batch_size") == 4, key  # the L-BFGS group joins the Adam/AdamW ones
+
+
+def test_batched_study_heartbeats_from_the_runner_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A heartbeat at every evaluation: the store's sqlite connection refuses other threads, so this fails
+    # if a batch called on_step from a member's thread.
+    from nstlab.study import executors
+
+    monkeypatch.setattr(executors, "HEARTBEAT_S", -1.0)
+    study = load_study(write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]', pairs=1), smoke=True)
+    counts = run_study(study, RunOptions(device="cpu", batch=2), quiet=True)
+    assert counts["done"] == 2 and counts.get("failed", 0) == 0
 
 
 def test_max_groups_caps_a_batch(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -91,7 +92,7 @@ def optimize_batch(
     # The targets once, with every term on, so that any member's terms can take theirs from it.
     shared = Objective(extractor, content, style, cfgs[0].replace(losses=("content", "style", "tv")))
     objectives = [Objective(extractor, content, style, cfg, targets=shared) for cfg in cfgs]
-    batch = _SharedEvaluations(shared, max(c.iterations for c in cfgs), on_step)
+    batch = _SharedEvaluations(shared, max(c.iterations for c in cfgs))
     outcomes: list[EngineResult | BaseException | None] = [None] * len(cfgs)
 
     def member(i: int) -> None:
@@ -114,15 +115,23 @@ def optimize_batch(
     batch.join(range(len(cfgs)))
     for t in threads:
         t.start()
+    # This (the caller's) thread only waits and delivers progress: on_step runs here, never in a member's
+    # thread (a study's heartbeat writes through an sqlite connection that belongs to this thread).
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)  # with a timeout: a blocking join() would not see Ctrl-C
-    except KeyboardInterrupt:
+        while any(t.is_alive() for t in threads):
+            try:  # with a timeout: a blocking wait would not see Ctrl-C
+                progress = batch.progress.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if on_step is not None:
+                on_step(progress)
+    except BaseException:  # Ctrl-C, or on_step raised: stop every member, then pass it on
         batch.abort()
         for t in threads:
             t.join()
         raise
+    while on_step is not None and not batch.progress.empty():
+        on_step(batch.progress.get())
     results: list[EngineResult | NonFiniteLossError] = []
     for out in outcomes:
         if isinstance(out, (EngineResult, NonFiniteLossError)):
@@ -140,10 +149,10 @@ class _SharedEvaluations:
     member that completes the set evaluates them all (so exactly one thread computes at any time) and
     wakes the others with their own numbers, their gradients already in ``param.grad``."""
 
-    def __init__(self, shared: Objective, budget: int, on_step: Callable[[Progress], None] | None) -> None:
+    def __init__(self, shared: Objective, budget: int) -> None:
         self.shared = shared
         self.budget = budget
-        self.on_step = on_step
+        self.progress: queue.SimpleQueue[Progress] = queue.SimpleQueue()  # for the caller's thread
         self.cond = threading.Condition()
         self.running: set[int] = set()
         self.submitted: dict[int, tuple[Objective, Tensor]] = {}
@@ -228,9 +237,8 @@ class _SharedEvaluations:
         if total.requires_grad:
             total.backward()  # type: ignore[no-untyped-call]
         self.evaluations += 1
-        if self.on_step is not None:
-            summed = sum(a[0]["total"] for a in answers if not isinstance(a, BaseException))
-            elapsed = time.perf_counter() - self.start
-            n = self.evaluations
-            self.on_step(Progress(n, self.budget, n, {"total": summed}, elapsed))
+        summed = sum(a[0]["total"] for a in answers if not isinstance(a, BaseException))
+        elapsed = time.perf_counter() - self.start
+        n = self.evaluations
+        self.progress.put(Progress(n, self.budget, n, {"total": summed}, elapsed))
         return answers

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run up to N Adam/AdamW settings of one pair as one batch (same results, N times the "
+        help="run up to N settings of one pair (optimiser, lr, init, loss terms...) as one batch (same "
+        "results up to rounding, N times the "
         "activation memory; meant for GPUs; default: %(default)s)",
     )
     run.add_argument("-q", "--quiet", action="store_true")

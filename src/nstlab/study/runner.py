@@ -111,7 +111,7 @@ def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None)
 
 
 def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | None = None) -> list[Outcome]:
-    """Several groups of one pair whose longest configs share a batch key (Adam/AdamW; see nstlab.batch)
+    """Several groups of one pair whose longest configs share a batch key (see nstlab.batch)
     in one batched run, then scored exactly as compute_group scores each: the same outcomes up to float
     rounding. One reference serves them all."""
     from nstlab.api import stylize_batch
