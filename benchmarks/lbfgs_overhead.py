@@ -1,4 +1,4 @@
-"""How much of an L-BFGS run is the optimiser itself: torch's LBFGS two-loop recursion against the evaluations.
+"""How much of an L-BFGS run is the optimiser itself (torch's LBFGS two-loop recursion), not evaluations.
 
 Runs ``nstlab.engine.optimize`` with the default setting (L-BFGS, history 100) through its ``evaluate``
 hook, timing every evaluation (forward + backward). Over the second half of the run, when the history is
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"{args.extractor}, {content.shape[-2]}×{content.shape[-1]}, evaluations {half + 1}–{len(marks)}: "
-        f"{row['per_eval_total_ms']:.1f} ms each, of which the evaluation {row['per_eval_evaluation_ms']:.1f} ms "
-        f"and L-BFGS + engine {row['per_eval_optimizer_ms']:.1f} ms ({100 * row['optimizer_share']:.0f} %)"
+        f"{row['per_eval_total_ms']:.1f} ms each, of which the evaluation "
+        f"{row['per_eval_evaluation_ms']:.1f} ms and L-BFGS + engine {row['per_eval_optimizer_ms']:.1f} ms "
+        f"({100 * row['optimizer_share']:.0f} %)"
     )
     C.write_json(args.json, {"machine": info, "args": vars(args), "result": row})
     return 0
