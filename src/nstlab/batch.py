@@ -19,8 +19,8 @@ Only float rounding can differ from separate runs (a batched convolution may use
 tests/test_batch.py checks Adam, AdamW and L-BFGS members against separate runs.
 
 Whether batching is faster depends on the device: on the 2-core CPU of benchmarks/README.md four Adam runs
-as one batch took 0.95x the time of four separate runs (convolutions already fill the cores there; the
-saving is the targets, computed once), with identical pixels. A batch needs N times the activation memory,
+as one batch took 0.95x the time of four separate runs, four L-BFGS runs 0.99x (convolutions already fill
+the cores there; the saving is the targets, computed once), with identical pixels. A batch needs N times the activation memory,
 so studies batch only when asked (``nstlab study run --batch N``).
 """
 
