@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             call_s = time.perf_counter() - t
             done = [x for x in results if isinstance(x, nstlab.Result)]
             engine_s = (
-                # batch: members run side by side, each clock from the batch's start to its own end
+                # batch: members run side by side, each clock from its own optimize() start to its end
                 max(x.engine.wall_time_s for x in done)
                 if how == "batch"
                 else sum(x.engine.wall_time_s for x in done)

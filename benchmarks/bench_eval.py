@@ -89,7 +89,7 @@ def plain_paths(extractor: nn.Module | None) -> Iterator[None]:
     if extractor is None:
         yield
         return
-    stems = [m for m in extractor.modules() if isinstance(m, SubPixelGradConv2d)]
+    stems = {m: m.subpixel_grad for m in extractor.modules() if isinstance(m, SubPixelGradConv2d)}
     original = losses.gram_matrix
     losses.gram_matrix = losses.gram_matrix_reference
     for m in stems:
@@ -98,8 +98,8 @@ def plain_paths(extractor: nn.Module | None) -> Iterator[None]:
         yield
     finally:
         losses.gram_matrix = original
-        for m in stems:
-            m.subpixel_grad = True
+        for m, before in stems.items():
+            m.subpixel_grad = before
 
 
 class NstlabEval:

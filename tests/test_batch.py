@@ -161,15 +161,53 @@ def test_ctrl_c_and_errors_stop_every_member(
     assert threading.active_count() == before
 
 
+def _one_lbfgs_state_in_2_5_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A "device" on which one 64 px L-BFGS state (history 100, 100 iterations) takes 2/5 of the memory:
+    # one member fits (the limit is 4/5), three side by side do not. The pair fixture is 64x48 at 64 px.
+    from nstlab import api
+    from nstlab.memory import lbfgs_state_bytes
+
+    one = lbfgs_state_bytes(64 * 48, 100, 100)
+    monkeypatch.setattr(api, "total_bytes", lambda device: int(2.5 * one))
+
+
+def test_an_error_in_one_members_optimiser_stops_the_batch(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not only evaluations: a member whose own optimiser step fails stops the others at once (instead of
+    # letting them spend their budgets for results that are then thrown away).
+    from nstlab import engine
+
+    make = engine.make_optimizer
+
+    def breaking(name: str, param: torch.Tensor, lr: float, history: int = 100) -> torch.optim.Optimizer:
+        opt = make(name, param, lr, history)
+        if name == "adam":
+
+            def step(closure: object = None) -> None:
+                raise RuntimeError("optimiser broke (simulated)")
+
+            opt.step = step  # type: ignore[method-assign,assignment]
+        return opt
+
+    monkeypatch.setattr(engine, "make_optimizer", breaking)
+    evaluations: list[int] = []
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="simulated"):
+        nstlab.stylize_batch(
+            *pair,
+            [tiny_config(iterations=200), tiny_config(optimizer="adam", iterations=200)],
+            on_step=lambda p: evaluations.append(p.evaluation),
+        )
+    assert len(evaluations) <= 2 and threading.active_count() == before
+
+
 def test_lbfgs_members_states_must_fit_together(
     pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Each member's L-BFGS state fits alone (64 px: ~50 KiB x 204), the batch's together does not.
-    from nstlab import api
-
-    monkeypatch.setattr(api, "total_bytes", lambda device: 12 * 2**20)
+    _one_lbfgs_state_in_2_5_of_memory(monkeypatch)
     configs = [tiny_config(iterations=100, seed=s) for s in range(3)]
-    nstlab.stylize_batch(*pair, [configs[0].replace(iterations=2)])  # one member: its own check only
+    nstlab.stylize_batch(*pair, configs[:1])  # one member: its own check only
     with pytest.raises(ResourceError, match="the batch's 3 L-BFGS members"):
         nstlab.stylize_batch(*pair, configs)
 
@@ -249,6 +287,25 @@ def test_batched_study_heartbeats_from_the_runner_thread(
     study = load_study(write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]', pairs=1), smoke=True)
     counts = run_study(study, RunOptions(device="cpu", batch=2), quiet=True)
     assert counts["done"] == 2 and counts.get("failed", 0) == 0
+
+
+def test_a_study_runs_groups_one_by_one_when_their_lbfgs_states_do_not_fit_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each group fits alone, three side by side do not: the runner runs them one after another.
+    from nstlab import api
+
+    def too_big(*args: object) -> None:
+        raise ResourceError("the batch's 3 L-BFGS members keep too much (simulated)")
+
+    monkeypatch.setattr(api, "_check_batch_optimizer_memory", too_big)
+    study = load_study(write_study(tmp_path, 'init = ["content", "noise", "style"]', pairs=1), smoke=True)
+    counts = run_study(study, RunOptions(device="cpu", batch=3), quiet=True)
+    assert counts["done"] == 3 and counts.get("failed", 0) == 0
+    store = Store(store_path(study))
+    records = [json.loads((study.folder / r["record"]).read_text()) for r in store.rows()]
+    store.close()
+    assert all("batch_size" not in r["run"] for r in records)
 
 
 def test_max_groups_caps_a_batch(tmp_path: Path) -> None:

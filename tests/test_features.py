@@ -332,7 +332,9 @@ def test_segmented_forward_without_gradients_streams_layers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kernel", "stride", "padding"), [(7, 2, 3), (3, 2, 1), (4, 2, 1), (5, 3, 2), (1, 2, 0), (6, 4, 1)]
+    ("kernel", "stride", "padding"),
+    # the stem; odd and even kernels; stride > kernel; padding >= kernel (no tap above: d_max < 0)
+    [(7, 2, 3), (3, 2, 1), (4, 2, 1), (5, 3, 2), (1, 2, 0), (6, 4, 1), (1, 2, 1), (3, 2, 4), (2, 3, 3)],
 )
 @pytest.mark.parametrize("hw", [(32, 48), (33, 47), (7, 9)])
 def test_subpixel_input_grad_equals_the_convolutions_own(

@@ -357,7 +357,8 @@ def stylize_batch(
     on_step: Callable[[Progress], None] | None = None,
 ) -> list[Result | NstlabError]:
     """Several settings on one pair in one batched run (see :mod:`nstlab.batch`): the same
-    results as separate :func:`stylize` calls up to float rounding. Returns a Result per config, or the
+    results as separate :func:`stylize` calls up to float rounding (which L-BFGS amplifies over its steps,
+    as it amplifies any rounding difference). Returns a Result per config, or the
     error that config's own run raised (a non-finite loss stops only that member; its ``.result`` holds
     the last finite image). Configs must share :func:`nstlab.batch.batch_key`, else ConfigError.
     ``on_step`` gets the batch's evaluations (losses summed over members). A member's record gives the

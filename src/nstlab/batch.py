@@ -4,31 +4,32 @@ Studies sweep settings on the same pair: optimisers, learning rates, initialisat
 weights, iteration counts. Such runs can share each evaluation exactly:
 
 * every member is a separate run of :func:`nstlab.engine.optimize` (in its own thread), with its own image
-  parameter and its own optimiser: Adam's moments, or L-BFGS's curvature history, step count, line of
-  search and convergence test -- torch's own ``LBFGS``, one instance per member. Only the evaluation is
+  parameter and its own optimiser: Adam's moments, or L-BFGS's curvature history, step count, search
+  direction and convergence test -- torch's own ``LBFGS``, one instance per member. Only the evaluation is
   shared: each member hands its parameter to the batch and waits; when every running member has done so,
-  one of them runs the extractor on the members' images stacked along the batch dimension, gives each
-  member its own terms, and one backward pass of the summed totals fills every member's own gradient;
+  the caller's thread runs the extractor on the members' images stacked along the batch dimension, gives
+  each member its own terms, and one backward pass of the summed totals fills every member's own gradient;
 * convolutions, ReLUs, poolings and BatchNorm in eval mode treat every batch element on its own, so member
   i's activations, loss and gradient are those of its separate run;
 * targets (content features, style Grams) are computed once: they depend only on the pair, the layers and
   the precision, which members must share (see :func:`batch_key`).
 
 Members finish independently (budget spent, L-BFGS converged, loss non-finite) and the batch shrinks.
-Only float rounding can differ from separate runs (a batched convolution may use other kernels):
-tests/test_batch.py checks Adam, AdamW and L-BFGS members against separate runs.
+Only float rounding can differ from separate runs (a batched convolution may use other kernels), and
+L-BFGS amplifies rounding over its steps (final losses within 1 % at 64 px in the tests; pixel-identical
+in benchmarks/README.md at 256 px): tests/test_batch.py checks Adam, AdamW and L-BFGS members against
+separate runs, and with the forward pass done image by image, bit for bit.
 
 Whether batching is faster depends on the device: on the 2-core CPU of benchmarks/README.md four Adam runs
 as one batch took 0.95x the time of four separate runs, four L-BFGS runs 0.99x (convolutions already fill
-the cores there; the saving is the targets, computed once), with identical pixels. A batch needs N times the activation memory,
-so studies batch only when asked (``nstlab study run --batch N``).
+the cores there; the saving is the targets, computed once), with identical pixels. A batch needs N times
+the activation memory, so studies batch only when asked (``nstlab study run --batch N``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -106,60 +107,65 @@ def optimize_batch(
                 objective=objectives[i],
                 evaluate=batch.evaluator(i),
             )
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+        except (NonFiniteLossError, StylizeInterrupted) as exc:
             outcomes[i] = exc
+        except BaseException as exc:  # noqa: BLE001 - anything else stops the whole batch, in the caller
+            outcomes[i] = exc
+            batch.fail(exc)
         finally:
             batch.leave(i)
 
     threads = [threading.Thread(target=member, args=(i,), name=f"nstlab-batch-{i}") for i in range(len(cfgs))]
+    started: list[threading.Thread] = []
     batch.join(range(len(cfgs)))
-    for t in threads:
-        t.start()
-    # This (the caller's) thread only waits and delivers progress: on_step runs here, never in a member's
-    # thread (a study's heartbeat writes through an sqlite connection that belongs to this thread).
+    # The members' threads only run their optimisers; every evaluation runs here, on the caller's thread:
+    # one thread computes at a time (one OpenMP pool), Ctrl-C lands between or inside evaluations, and
+    # on_step is called where the caller expects it (a study's heartbeat writes through an sqlite
+    # connection that belongs to this thread).
     try:
-        while any(t.is_alive() for t in threads):
-            try:  # with a timeout: a blocking wait would not see Ctrl-C
-                progress = batch.progress.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if on_step is not None:
-                on_step(progress)
-    except BaseException:  # Ctrl-C, or on_step raised: stop every member, then pass it on
-        batch.abort()
         for t in threads:
+            t.start()
+            started.append(t)
+        while (work := batch.next_work()) is not None:
+            progress = batch.run(work)
+            if on_step is not None and progress is not None:
+                on_step(progress)
+    except BaseException:  # Ctrl-C, an error in an evaluation or in on_step: stop every member, pass it on
+        batch.abort(never_started=range(len(started), len(cfgs)))
+        for t in started:
             t.join()
         raise
-    while on_step is not None and not batch.progress.empty():
-        on_step(batch.progress.get())
+    for t in threads:
+        t.join()
     results: list[EngineResult | NonFiniteLossError] = []
     for out in outcomes:
         if isinstance(out, (EngineResult, NonFiniteLossError)):
             results.append(out)
-        elif isinstance(out, StylizeInterrupted):
-            raise KeyboardInterrupt
         else:
-            assert isinstance(out, BaseException)
+            assert isinstance(out, BaseException)  # StylizeInterrupted cannot happen without an abort
             raise out
     return results
 
 
 class _SharedEvaluations:
-    """The rendezvous of a batch's members: each running member submits its parameter and blocks; the
-    member that completes the set evaluates them all (so exactly one thread computes at any time) and
-    wakes the others with their own numbers, their gradients already in ``param.grad``."""
+    """The rendezvous of a batch's members. Each running member submits its parameter and blocks; once
+    every running member has submitted, the caller's thread evaluates them all in one batched pass and
+    answers each with its own numbers, its gradient already in ``param.grad``."""
 
     def __init__(self, shared: Objective, budget: int) -> None:
         self.shared = shared
         self.budget = budget
-        self.progress: queue.SimpleQueue[Progress] = queue.SimpleQueue()  # for the caller's thread
         self.cond = threading.Condition()
         self.running: set[int] = set()
         self.submitted: dict[int, tuple[Objective, Tensor]] = {}
+        self.in_flight: list[int] = []
         self.answers: dict[int, tuple[dict[str, float], Tensor] | BaseException] = {}
         self.aborted = False
+        self.error: BaseException | None = None
         self.evaluations = 0
         self.start = time.perf_counter()
+
+    # --- the members' side (their threads) ---
 
     def join(self, members: Iterable[int]) -> None:
         with self.cond:
@@ -171,7 +177,7 @@ class _SharedEvaluations:
                 if self.aborted:
                     raise KeyboardInterrupt
                 self.submitted[i] = (objective, param)
-                self._run_if_complete()
+                self.cond.notify_all()
                 while i not in self.answers:
                     self.cond.wait()
                 answer = self.answers.pop(i)
@@ -184,29 +190,57 @@ class _SharedEvaluations:
     def leave(self, i: int) -> None:
         with self.cond:
             self.running.discard(i)
-            self._run_if_complete()
-
-    def abort(self) -> None:
-        with self.cond:
-            self.aborted = True
-            for i in self.submitted:
-                self.answers[i] = KeyboardInterrupt()
-            self.submitted.clear()
             self.cond.notify_all()
 
-    def _run_if_complete(self) -> None:
-        # Called with the lock held; every running member is waiting, so no one else touches tensors now.
-        if not self.submitted or len(self.submitted) < len(self.running):
-            return
-        order = sorted(self.submitted)  # a fixed stacking order: same configs, same pixels
-        work = [self.submitted[i] for i in order]
-        self.submitted.clear()
-        try:
-            answers: list[tuple[dict[str, float], Tensor] | BaseException] = self._evaluate(work)
-        except BaseException as exc:  # noqa: BLE001 - every waiting member raises it
-            answers = [exc] * len(order)
-        self.answers.update(zip(order, answers, strict=True))
-        self.cond.notify_all()
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            self.error = self.error or exc
+            self.cond.notify_all()
+
+    # --- the caller's side ---
+
+    def next_work(self) -> list[tuple[int, Objective, Tensor]] | None:
+        """Wait until every running member has submitted; None once no member runs. Raises a member's
+        unexpected error (the caller then aborts the others)."""
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if not self.running:
+                    return None
+                if len(self.submitted) == len(self.running):
+                    order = sorted(self.submitted)  # a fixed stacking order: same configs, same pixels
+                    work = [(i, *self.submitted[i]) for i in order]
+                    self.submitted.clear()
+                    self.in_flight = order
+                    return work
+                self.cond.wait(timeout=0.1)  # a timeout, so that Ctrl-C is seen while waiting
+
+    def run(self, work: list[tuple[int, Objective, Tensor]]) -> Progress | None:
+        """Evaluate and answer ``work``; the batch's Progress (None if no member's loss was finite)."""
+        answers = self._evaluate([(objective, param) for _, objective, param in work])
+        with self.cond:
+            self.answers.update(zip((i for i, _, _ in work), answers, strict=True))
+            self.in_flight = []
+            self.cond.notify_all()
+        finite = [a for a in answers if not isinstance(a, BaseException)]
+        if not finite:
+            return None
+        self.evaluations += 1
+        summed = {"total": sum(values["total"] for values, _ in finite)}
+        n = self.evaluations
+        return Progress(n, self.budget, n, summed, time.perf_counter() - self.start)
+
+    def abort(self, never_started: Iterable[int] = ()) -> None:
+        """Answer every waiting member with KeyboardInterrupt (each ends as its own run does on Ctrl-C)."""
+        with self.cond:
+            self.aborted = True
+            self.running.difference_update(never_started)
+            for i in [*self.submitted, *self.in_flight]:
+                self.answers[i] = KeyboardInterrupt()
+            self.submitted.clear()
+            self.in_flight = []
+            self.cond.notify_all()
 
     def _evaluate(
         self, work: list[tuple[Objective, Tensor]]
@@ -236,9 +270,4 @@ class _SharedEvaluations:
                 answers.append(NonFiniteEvaluation(values))  # that member stops; its loss is left out
         if total.requires_grad:
             total.backward()  # type: ignore[no-untyped-call]
-        self.evaluations += 1
-        summed = sum(a[0]["total"] for a in answers if not isinstance(a, BaseException))
-        elapsed = time.perf_counter() - self.start
-        n = self.evaluations
-        self.progress.put(Progress(n, self.budget, n, {"total": summed}, elapsed))
         return answers

@@ -35,9 +35,9 @@ class RunOptions:
     gpus_per_job: float = 0.0
     retry_failed: bool = False
     max_groups: int | None = None  # stop after this many groups (tests, partial runs)
-    # Up to this many groups of one pair run as one batched stylisation (nstlab.batch): the
-    # same results up to float rounding. 1 (no batching) by default: N times the activation memory, and on
-    # the CPU measured it is about break-even (benchmarks/README.md).
+    # Up to this many groups of one pair run as one batched stylisation (nstlab.batch): the same
+    # results up to float rounding (amplified over L-BFGS's steps). 1 (no batching) by default: N times
+    # the activation memory, and on the CPU measured it is about break-even (benchmarks/README.md).
     batch: int = 1
 
 

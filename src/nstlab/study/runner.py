@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nstlab.errors import NstlabError
+from nstlab.errors import NstlabError, ResourceError
 from nstlab.images import save_image, write_text_atomic
 from nstlab.study.spec import Job, Study
 from nstlab.study.store import Store
@@ -130,6 +130,10 @@ def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | N
             )
         except KeyboardInterrupt:
             raise
+        except ResourceError:
+            # The members' L-BFGS states do not fit side by side, though each fits alone: run the groups
+            # one after another instead of failing them.
+            return [o for task in tasks for o in compute_group(task, on_step)]
         except Exception as exc:  # noqa: BLE001
             return [o for by_iter, _ in plans for o in _failed(by_iter, exc)]
         reference = _reference(tasks[0], content, style)
