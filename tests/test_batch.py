@@ -121,6 +121,18 @@ def test_batched_evaluation_equals_separate_evaluations(pair: tuple[Path, Path])
         )
 
 
+def test_a_batch_called_without_gradients_still_optimises(pair: tuple[Path, Path]) -> None:
+    # Evaluations run on the caller's thread: its no_grad() must not switch off the members' backward
+    # (a separate run gets gradients from its optimiser's step()).
+    configs = [tiny_config(iterations=4), tiny_config(optimizer="adam", iterations=4)]
+    plain = nstlab.stylize_batch(*pair, configs)
+    with torch.no_grad():
+        inside = nstlab.stylize_batch(*pair, configs)
+    for a, b in zip(plain, inside, strict=True):
+        assert isinstance(a, nstlab.Result) and isinstance(b, nstlab.Result)
+        assert torch.equal(a.image, b.image) and a.engine.stop_reason == b.engine.stop_reason == "budget"
+
+
 def test_lbfgs_batch_ends_near_the_separate_runs(pair: tuple[Path, Path]) -> None:
     # End to end with the real batched forward pass: final losses within 1 % of the separate runs'
     # (0.35 % measured at 64 px; rounding differences grow over L-BFGS steps, they do not vanish).

@@ -97,6 +97,8 @@ def optimize_batch(
     outcomes: list[EngineResult | BaseException | None] = [None] * len(cfgs)
 
     def member(i: int) -> None:
+        if not batch.is_running(i):  # aborted before its start was recorded
+            return
         try:
             outcomes[i] = optimize(
                 extractor,
@@ -132,8 +134,9 @@ def optimize_batch(
                 on_step(progress)
     except BaseException:  # Ctrl-C, an error in an evaluation or in on_step: stop every member, pass it on
         batch.abort(never_started=range(len(started), len(cfgs)))
-        for t in started:
-            t.join()
+        for t in threads:
+            if t.ident is not None:  # started (a Ctrl-C may land between start() and the append)
+                t.join()
         raise
     for t in threads:
         t.join()
@@ -158,7 +161,6 @@ class _SharedEvaluations:
         self.cond = threading.Condition()
         self.running: set[int] = set()
         self.submitted: dict[int, tuple[Objective, Tensor]] = {}
-        self.in_flight: list[int] = []
         self.answers: dict[int, tuple[dict[str, float], Tensor] | BaseException] = {}
         self.aborted = False
         self.error: BaseException | None = None
@@ -170,6 +172,10 @@ class _SharedEvaluations:
     def join(self, members: Iterable[int]) -> None:
         with self.cond:
             self.running.update(members)
+
+    def is_running(self, i: int) -> bool:
+        with self.cond:
+            return i in self.running
 
     def evaluator(self, i: int) -> Callable[[Objective, Tensor], tuple[dict[str, float], Tensor]]:
         def evaluate(objective: Objective, param: Tensor) -> tuple[dict[str, float], Tensor]:
@@ -194,7 +200,10 @@ class _SharedEvaluations:
 
     def fail(self, exc: BaseException) -> None:
         with self.cond:
-            self.error = self.error or exc
+            if self.error is None:
+                self.error = exc
+            else:  # raised too, but only the first can propagate: keep the others' messages on it
+                self.error.add_note(f"another batch member failed too: {type(exc).__name__}: {exc}")
             self.cond.notify_all()
 
     # --- the caller's side ---
@@ -212,7 +221,6 @@ class _SharedEvaluations:
                     order = sorted(self.submitted)  # a fixed stacking order: same configs, same pixels
                     work = [(i, *self.submitted[i]) for i in order]
                     self.submitted.clear()
-                    self.in_flight = order
                     return work
                 self.cond.wait(timeout=0.1)  # a timeout, so that Ctrl-C is seen while waiting
 
@@ -221,7 +229,6 @@ class _SharedEvaluations:
         answers = self._evaluate([(objective, param) for _, objective, param in work])
         with self.cond:
             self.answers.update(zip((i for i, _, _ in work), answers, strict=True))
-            self.in_flight = []
             self.cond.notify_all()
         finite = [a for a in answers if not isinstance(a, BaseException)]
         if not finite:
@@ -232,20 +239,28 @@ class _SharedEvaluations:
         return Progress(n, self.budget, n, summed, time.perf_counter() - self.start)
 
     def abort(self, never_started: Iterable[int] = ()) -> None:
-        """Answer every waiting member with KeyboardInterrupt (each ends as its own run does on Ctrl-C)."""
+        """Answer every running member with KeyboardInterrupt (each ends as its own run does on Ctrl-C).
+        Members that are not waiting check ``aborted`` before they submit, so their answer is never read;
+        answering all of them means none can be missed, wherever the caller was interrupted."""
         with self.cond:
             self.aborted = True
             self.running.difference_update(never_started)
-            for i in [*self.submitted, *self.in_flight]:
+            for i in self.running:
                 self.answers[i] = KeyboardInterrupt()
             self.submitted.clear()
-            self.in_flight = []
             self.cond.notify_all()
 
     def _evaluate(
         self, work: list[tuple[Objective, Tensor]]
     ) -> list[tuple[dict[str, float], Tensor] | BaseException]:
-        """What :func:`nstlab.engine.evaluate_objective` does for one member, for all of them at once."""
+        """What :func:`nstlab.engine.evaluate_objective` does for one member, for all of them at once
+        (with gradients on, as the optimisers' step() turns them on for a separate run's closure)."""
+        with torch.enable_grad():
+            return self._evaluate_with_grad(work)
+
+    def _evaluate_with_grad(
+        self, work: list[tuple[Objective, Tensor]]
+    ) -> list[tuple[dict[str, float], Tensor] | BaseException]:
         xs = [param.clamp(0.0, 1.0) for _, param in work]
         feats = self.shared.features(torch.cat(xs))
         member_terms = [
