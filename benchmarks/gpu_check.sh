@@ -3,7 +3,7 @@
 #   1. fp32 / bf16 / fp16 for ResNet-18 and VGG-19 (200 evaluations each): ms per evaluation, peak memory;
 #   2. --deterministic twice: must give identical pixels; and the cudnn.benchmark default once;
 #   3. --checkpoint on for VGG-19 (memory saved, time cost) and --compile for ResNet-18;
-#   4. a batch of 4 Adam runs against 4 separate runs (bench_batch.py).
+#   4. a batch of 4 Adam runs, and one of 4 L-BFGS runs, against the same runs separately (bench_batch.py).
 # Usage on the device machine:  bash benchmarks/gpu_check.sh   (results in $OUT or ./gpu_results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,3 +43,6 @@ if a.exists() and b.exists():
 PY
 timeout 120 .venv-gpu/bin/python benchmarks/bench_batch.py --device cuda --size 512 --members 4 --iterations 50 \
   --repeats 2 --content src/nstlab/data/coffee.jpg --style src/nstlab/data/great_wave.jpg 2>&1 | tail -8 || echo "FAILED bench_batch"
+timeout 90 .venv-gpu/bin/python benchmarks/bench_batch.py --device cuda --size 512 --members 4 --iterations 30 \
+  --repeats 2 --optimizer lbfgs --content src/nstlab/data/coffee.jpg --style src/nstlab/data/great_wave.jpg 2>&1 \
+  | tail -8 || echo "FAILED bench_batch lbfgs"
