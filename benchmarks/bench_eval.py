@@ -12,8 +12,8 @@ per-round ratios.
 
 What is timed:
 * ``nstlab``: exactly the body of ``engine.optimize``'s closure -- ``opt.zero_grad(set_to_none=True)``,
-  ``objective.terms(param)``, stack + sum, one host sync (``tolist``), ``total.backward()`` and the copy of
-  the current image -- at the content image;
+  ``engine.evaluate_objective`` (``objective.terms(param)``, stack + sum, one host sync (``tolist``),
+  ``total.backward()``) and the copy of the current image -- at the content image;
 * ``engine``: ``optimize(..., iterations=N)`` itself; per evaluation = ``EngineResult.wall_time_s / N``
   (the engine starts its clock after building the objective, so setup is excluded and reported apart);
 * ``baseline``: ``BaselineNST.evaluate`` (clamp in place, forward through the loss-module chain, backward
@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nstlab import losses
 from nstlab.config import StylizeConfig
-from nstlab.engine import Objective, initial_image, optimize
+from nstlab.engine import Objective, evaluate_objective, initial_image, optimize
 from nstlab.features import FeatureExtractor, build_extractor, get_spec
 from nstlab.features.subpixel import SubPixelGradConv2d
 from nstlab.optim import make_optimizer
@@ -129,13 +129,9 @@ class NstlabEval:
 
     def _evaluate(self) -> float:
         self.opt.zero_grad(set_to_none=True)
-        terms = self.objective.terms(self.param)
-        stacked = torch.stack(list(terms.values()))
-        total = stacked.sum()
-        numbers = torch.cat([stacked.detach(), total.detach().reshape(1)]).tolist()
-        total.backward()  # type: ignore[no-untyped-call]
+        values, _ = evaluate_objective(self.objective, self.param)
         self.last_image = self.param.detach().clamp(0.0, 1.0).cpu().clone()
-        return float(numbers[-1])
+        return values["total"]
 
 
 def make_cfg(extractor: str, size: int) -> StylizeConfig:

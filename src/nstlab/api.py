@@ -212,6 +212,11 @@ def _setup(
     return cfg, device, inputs, get_extractor(cfg, device)
 
 
+# The largest share of the device's memory that L-BFGS's state may take before a run is refused up front:
+# the rest is for the network's activations, the images and the runtime.
+OPTIMIZER_MEMORY_SHARE = 0.8
+
+
 def check_optimizer_memory(cfg: StylizeConfig, device: torch.device, size: tuple[int, int]) -> None:
     """Refuse up front (ResourceError) a run whose L-BFGS state alone would take most of the device's
     memory: at 4096 x 3072 px the default 100 curvature pairs are ~30 GiB, and running out of memory part
@@ -221,7 +226,7 @@ def check_optimizer_memory(cfg: StylizeConfig, device: torch.device, size: tuple
     pixels = size[0] * size[1]
     need = lbfgs_state_bytes(pixels, cfg.lbfgs_history, cfg.iterations)
     total = total_bytes(device)
-    if total is None or need <= 0.8 * total:
+    if total is None or need <= OPTIMIZER_MEMORY_SHARE * total:
         return
     vector = 3 * pixels * 4
     fits = max(1, int((0.25 * total / vector - 4) // 2))  # a history whose state is <= 1/4 of the memory
@@ -246,7 +251,7 @@ def _check_batch_optimizer_memory(
         if c.optimizer == "lbfgs"
     ]
     total = total_bytes(device)
-    if len(states) < 2 or total is None or sum(states) <= 0.8 * total:
+    if len(states) < 2 or total is None or sum(states) <= OPTIMIZER_MEMORY_SHARE * total:
         return
     raise ResourceError(
         f"the batch's {len(states)} L-BFGS members keep {sum(states) / 2**30:.1f} GiB of curvature pairs "

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from nstlab.config import StylizeConfig
-from nstlab.engine import EngineResult, NonFiniteEvaluation, Objective, Progress, optimize
+from nstlab.engine import EngineResult, NonFiniteEvaluation, Objective, Progress, loss_values, optimize
 from nstlab.errors import NonFiniteLossError, StylizeInterrupted
 from nstlab.features import FeatureExtractor
 
@@ -118,7 +118,6 @@ def optimize_batch(
             batch.leave(i)
 
     threads = [threading.Thread(target=member, args=(i,), name=f"nstlab-batch-{i}") for i in range(len(cfgs))]
-    started: list[threading.Thread] = []
     batch.join(range(len(cfgs)))
     # The members' threads only run their optimisers; every evaluation runs here, on the caller's thread:
     # one thread computes at a time (one OpenMP pool), Ctrl-C lands between or inside evaluations, and
@@ -127,15 +126,15 @@ def optimize_batch(
     try:
         for t in threads:
             t.start()
-            started.append(t)
         while (work := batch.next_work()) is not None:
             progress = batch.run(work)
             if on_step is not None and progress is not None:
                 on_step(progress)
     except BaseException:  # Ctrl-C, an error in an evaluation or in on_step: stop every member, pass it on
-        batch.abort(never_started=range(len(started), len(cfgs)))
+        # A thread has an ident once started (a Ctrl-C may land inside start()).
+        batch.abort(never_started=[i for i, t in enumerate(threads) if t.ident is None])
         for t in threads:
-            if t.ident is not None:  # started (a Ctrl-C may land between start() and the append)
+            if t.ident is not None:
                 t.join()
         raise
     for t in threads:
@@ -250,17 +249,11 @@ class _SharedEvaluations:
             self.submitted.clear()
             self.cond.notify_all()
 
+    @torch.enable_grad()  # as the optimisers' step() does for a separate run's closure
     def _evaluate(
         self, work: list[tuple[Objective, Tensor]]
     ) -> list[tuple[dict[str, float], Tensor] | BaseException]:
-        """What :func:`nstlab.engine.evaluate_objective` does for one member, for all of them at once
-        (with gradients on, as the optimisers' step() turns them on for a separate run's closure)."""
-        with torch.enable_grad():
-            return self._evaluate_with_grad(work)
-
-    def _evaluate_with_grad(
-        self, work: list[tuple[Objective, Tensor]]
-    ) -> list[tuple[dict[str, float], Tensor] | BaseException]:
+        """What :func:`nstlab.engine.evaluate_objective` does for one member, for all of them at once."""
         xs = [param.clamp(0.0, 1.0) for _, param in work]
         feats = self.shared.features(torch.cat(xs))
         member_terms = [
@@ -268,17 +261,11 @@ class _SharedEvaluations:
             for j, ((objective, param), x) in enumerate(zip(work, xs, strict=True))
         ]
         del feats
-        stacked = [torch.stack(list(t.values())) for t in member_terms]
-        # One host sync per evaluation for every member's numbers.
-        numbers = torch.cat([torch.cat([s.detach(), s.detach().sum().reshape(1)]) for s in stacked]).tolist()
+        member_values, member_totals = loss_values(member_terms)  # one host sync for all members
         answers: list[tuple[dict[str, float], Tensor] | BaseException] = []
         total = torch.zeros((), device=xs[0].device)
-        offset = 0
-        for t, s in zip(member_terms, stacked, strict=True):
-            values = dict(zip([*t, "total"], numbers[offset : offset + len(t) + 1], strict=True))
-            offset += len(t) + 1
+        for values, member_total in zip(member_values, member_totals, strict=True):
             if math.isfinite(values["total"]):
-                member_total = s.sum()
                 total = total + member_total
                 answers.append((values, member_total.detach()))
             else:

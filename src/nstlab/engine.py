@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,15 +274,25 @@ def initial_image(cfg: StylizeConfig, content: Tensor, style: Tensor) -> Tensor:
     return resized.clamp(0.0, 1.0).contiguous()
 
 
+def loss_values(runs: Sequence[dict[str, Tensor]]) -> tuple[list[dict[str, float]], list[Tensor]]:
+    """For each run's weighted terms: their numbers plus "total" (one host sync for every run's numbers
+    together) and the total as a tensor, for backward."""
+    stacked = [torch.stack(list(terms.values())) for terms in runs]
+    totals = [s.sum() for s in stacked]
+    parts = [torch.cat([s.detach(), t.detach().reshape(1)]) for s, t in zip(stacked, totals, strict=True)]
+    numbers = torch.cat(parts).tolist()
+    values, offset = [], 0
+    for terms in runs:
+        values.append(dict(zip([*terms, "total"], numbers[offset : offset + len(terms) + 1], strict=True)))
+        offset += len(terms) + 1
+    return values, totals
+
+
 def evaluate_objective(objective: Objective, param: Tensor) -> tuple[dict[str, float], Tensor]:
-    """One evaluation: the weighted terms at ``param`` and their total as numbers (one host sync for all
-    of them), then backward into ``param.grad``. Raises NonFiniteEvaluation, before backward, on a NaN or
-    infinite total. Returns the numbers and the (detached) total."""
-    terms = objective.terms(param)
-    stacked = torch.stack(list(terms.values()))
-    total = stacked.sum()
-    numbers = torch.cat([stacked.detach(), total.detach().reshape(1)]).tolist()
-    values = dict(zip([*terms, "total"], numbers, strict=True))
+    """One evaluation: the weighted terms at ``param`` and their total as numbers, then backward into
+    ``param.grad``. Raises NonFiniteEvaluation, before backward, on a NaN or infinite total. Returns the
+    numbers and the (detached) total."""
+    ([values], [total]) = loss_values([objective.terms(param)])
     if not math.isfinite(values["total"]):
         raise NonFiniteEvaluation(values)
     total.backward()  # type: ignore[no-untyped-call]
