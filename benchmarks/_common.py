@@ -5,6 +5,7 @@ Not part of the nstlab package; the scripts import it as a sibling module (``pyt
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -32,6 +33,21 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 # --- data ------------------------------------------------------------------------------------------------
+
+
+def add_common_args(p: argparse.ArgumentParser, pair: str = "pair-1") -> None:
+    """The options every benchmark takes: --pair, --data, --threads, --json."""
+    p.add_argument("--pair", default=pair)
+    p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write all numbers to this file")
+
+
+def shared_data(given: str | None) -> Path:
+    """The shared data folder (``--data``, $NSTLAB_DATA or ../shared/data); exits cleanly without it."""
+    root = data_dir(given)
+    require_data(root)
+    return root
 
 
 def data_dir(given: str | None) -> Path:

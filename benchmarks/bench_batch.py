@@ -33,18 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--pair", default="pair-2")
-    p.add_argument("--data", default=None)
+    C.add_common_args(p, pair="pair-2")
     p.add_argument("--content", default=None, help="content image (with --style: instead of --pair)")
     p.add_argument("--style", default=None)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.content and args.style:
         content, style = Path(args.content), Path(args.style)
     else:
-        data = C.data_dir(args.data)
-        C.require_data(data)
+        data = C.shared_data(args.data)
         content, style = C.pair_paths(data, args.pair)
     info = C.start("bench_batch", args.threads)
     base = nstlab.StylizeConfig(

@@ -389,10 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="baseline,nstlab", help=f"any of {','.join(VARIANTS)}, or 'all'")
     p.add_argument("--quick", action="store_true", help="256 px, 3 repeats, 3-evaluation runs, 1 round")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--pair", default="pair-1")
-    p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
-    p.add_argument("--json", default=None, help="also write all numbers to this file")
+    C.add_common_args(p)
     p.add_argument("--render", default=None, help="only print the tables of a JSON file written by --json")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -402,8 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {C.describe_machine(saved['machine'])}")
         print(tables(rows, [v for v in VARIANTS + OLD_VARIANTS if v in rows[0]]))
         return 0
-    args.data = C.data_dir(args.data)
-    C.require_data(args.data)
+    args.data = C.shared_data(args.data)
     extractors = [e for e in args.extractors.split(",") if e]
     sizes = [int(s) for s in args.sizes.split(",") if s]
     args.variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]

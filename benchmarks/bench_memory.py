@@ -92,13 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", type=int, default=0, help="long side of a complete run (part 2; 0: skip)")
     p.add_argument("--full-iterations", type=int, default=4)
     p.add_argument("--lbfgs-history", type=int, default=10)
-    p.add_argument("--pair", default="pair-1")
-    p.add_argument("--data", default=None)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None)
+    C.add_common_args(p)
     args = p.parse_args(argv)
-    data = C.data_dir(args.data)
-    C.require_data(data)
+    data = C.shared_data(args.data)
     bench = str(Path(__file__).resolve().parent)
     info = C.start("bench_memory", 0)  # --threads goes to the subprocesses, which do the work
     out: dict[str, Any] = {"machine": info, "args": vars(args), "evaluation": [], "full": None}

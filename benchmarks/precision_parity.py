@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    data = C.data_dir(args.data)
-    C.require_data(data)
+    data = C.shared_data(args.data)
     pairs = [x for x in args.pairs.split(",") if x] or C.pair_names(data)
     info = C.start("precision_parity", args.threads)
     cfg = StylizeConfig(
