@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from nstlab.config import (
     CHECKPOINT_MODES,
     INITS,
+    LBFGS_IMPLEMENTATIONS,
     LOSS_TERMS,
     OPTIMIZERS,
     PRECISIONS,
@@ -111,6 +112,12 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="L-BFGS curvature pairs kept, 2 image-sized vectors each (default: %(default)s)",
+    )
+    g.add_argument(
+        "--lbfgs-impl",
+        choices=LBFGS_IMPLEMENTATIONS,
+        help="L-BFGS search direction: compact (nstlab's, faster) or torch (torch.optim.LBFGS); "
+        "the same iterates up to float rounding (default: %(default)s)",
     )
     g.add_argument(
         "--compile",

@@ -15,6 +15,7 @@ from typing import Any
 
 from nstlab.errors import ConfigError, choice_error
 from nstlab.features import EXTRACTORS, get_spec
+from nstlab.optim import LBFGS_IMPLEMENTATIONS
 
 OPTIMIZERS = ("lbfgs", "adam", "adamw")
 # The report's learning rates: Adam 1e-1 and AdamW 1e-2 were the best of its search on pair-2; L-BFGS
@@ -66,6 +67,11 @@ class StylizeConfig:
     # L-BFGS keeps this many curvature pairs, each two image-sized vectors: 100 (torch's default) costs
     # 2 * 100 * 4 bytes per pixel and channel, ~30 GiB at 4096 x 3072; lower it for very large images.
     lbfgs_history: int = 100
+    # How L-BFGS computes its search direction: "compact" (nstlab.lbfgs, the default) or "torch"
+    # (torch.optim.LBFGS's two-loop recursion). The same algorithm and iterates up to float rounding;
+    # compact spends ~1.7x less time in the optimiser (benchmarks/README.md). "torch" reproduces runs made
+    # before nstlab had its own.
+    lbfgs_impl: str = "compact"
     # torch.compile the extractor: opt-in, it costs tens of seconds of compilation up front and pays off
     # only on long runs (benchmarks/README.md). Results equal eager mode up to float rounding.
     compile: bool = False
@@ -129,6 +135,8 @@ class StylizeConfig:
         if self.checkpoint not in CHECKPOINT_MODES:
             raise choice_error("checkpoint", self.checkpoint, CHECKPOINT_MODES)
         _check_int("lbfgs_history", self.lbfgs_history, 1)
+        if self.lbfgs_impl not in LBFGS_IMPLEMENTATIONS:
+            raise choice_error("lbfgs_impl", self.lbfgs_impl, LBFGS_IMPLEMENTATIONS)
         for name in ("compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -209,6 +217,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 __all__ = [
     "DEFAULT_LR",
+    "LBFGS_IMPLEMENTATIONS",
     "DEFAULT_TV_WEIGHT",
     "EXTRACTORS",
     "INITS",

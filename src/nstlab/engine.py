@@ -330,7 +330,7 @@ def optimize(
     # A contiguous NCHW leaf: L-BFGS flattens gradients with .view(-1), which fails on other layouts.
     start_image = initial_image(cfg, content, style) if init is None else init.detach().clone()
     param = start_image.contiguous().requires_grad_(True)
-    opt = make_optimizer(cfg.optimizer, param, cfg.lr, cfg.lbfgs_history)
+    opt = make_optimizer(cfg.optimizer, param, cfg.lr, cfg.lbfgs_history, cfg.lbfgs_impl)
     budget = cfg.iterations
     snapshots_wanted = set(snapshot_at)
     trace: list[dict[str, float]] = []

@@ -44,8 +44,8 @@ METRIC_NAMES = ("mse", "rmse", "psnr", "ssim", "content", "style", "lpips")
 DEFAULT_METRICS = ("rmse", "psnr", "ssim")
 # Fields that never change what a job computes (where and how it runs is recorded, not hashed).
 # checkpoint, compile, deterministic: the same values and gradients up to float rounding, like a change
-# of device.
-NOT_IN_IDENTITY = ("device", "checkpoint", "compile", "deterministic")
+# of device; lbfgs_impl: the same L-BFGS iterates up to float rounding.
+NOT_IN_IDENTITY = ("device", "checkpoint", "compile", "deterministic", "lbfgs_impl")
 # Fields added after ALGORITHM_VERSION 1, with the value that computes what older versions computed. At
 # that value a field is left out of the hash, so adding it does not orphan finished results.
 IDENTITY_NEUTRAL: dict[str, Any] = {"lbfgs_history": 100}
