@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def test_lbfgs_batch_members_are_their_separate_runs_exactly(
     pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The orchestration on its own: with the batch's forward pass done image by image (so that no
-    # batched kernel rounds differently), every member -- its own torch LBFGS with its own history, step
+    # batched kernel rounds differently), every member -- its own L-BFGS with its own history, step
     # count and budget -- gives bit for bit its separate run: images, traces, steps, snapshots.
     plain = Objective.features
 
@@ -192,8 +193,8 @@ def test_an_error_in_one_members_optimiser_stops_the_batch(
 
     make = engine.make_optimizer
 
-    def breaking(name: str, param: torch.Tensor, lr: float, history: int = 100) -> torch.optim.Optimizer:
-        opt = make(name, param, lr, history)
+    def breaking(name: str, param: torch.Tensor, lr: float, *args: Any) -> torch.optim.Optimizer:
+        opt = make(name, param, lr, *args)
         if name == "adam":
 
             def step(closure: object = None) -> None:

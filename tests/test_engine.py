@@ -285,7 +285,7 @@ def test_lbfgs_history_is_used_and_too_large_a_state_is_refused(
     monkeypatch.setattr(api, "total_bytes", lambda device: 2**20)
     with pytest.raises(ResourceError, match=r"--lbfgs-history \d+ .*or --optimizer adam"):
         nstlab.stylize(*pair, tiny_config(iterations=1000))
-    assert lbfgs_state_bytes(64 * 48, 100, 1000) == (2 * 100 + 4) * 3 * 64 * 48 * 4
+    assert lbfgs_state_bytes(64 * 48, 100, 1000) == (2 * 100 + 5) * 3 * 64 * 48 * 4
     # Adam keeps two image-sized moments whatever the size: not refused.
     assert nstlab.stylize(*pair, tiny_config(optimizer="adam", iterations=2)).engine.evaluations == 2
 

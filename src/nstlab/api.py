@@ -229,7 +229,7 @@ def check_optimizer_memory(cfg: StylizeConfig, device: torch.device, size: tuple
     if total is None or need <= OPTIMIZER_MEMORY_SHARE * total:
         return
     vector = 3 * pixels * 4
-    fits = max(1, int((0.25 * total / vector - 4) // 2))  # a history whose state is <= 1/4 of the memory
+    fits = max(1, int((0.25 * total / vector - 5) // 2))  # a history whose state is <= 1/4 of the memory
     raise ResourceError(
         f"L-BFGS with --lbfgs-history {cfg.lbfgs_history} keeps {need / 2**30:.1f} GiB of curvature pairs "
         f"at {size[0]}x{size[1]} px, more than this {device.type} device's {total / 2**30:.0f} GiB allows; "
@@ -541,7 +541,7 @@ def estimate(
     total = per_eval * (cfg.iterations + coarse_px / target_px)
     peak_total = int(p2["resident_bytes"] + extrapolate("activation_bytes"))
     if cfg.optimizer == "lbfgs":
-        # During a probe's last (3rd) evaluation L-BFGS holds one curvature pair and its four working
+        # During a probe's last (3rd) evaluation L-BFGS holds one curvature pair and its five working
         # vectors; they grew with the pixels like the activations, so the extrapolation already counts them
         # at the target size. The real run holds up to lbfgs_history pairs.
         peak_total += lbfgs_state_bytes(target_px, cfg.lbfgs_history, cfg.iterations) - lbfgs_state_bytes(

@@ -5,10 +5,11 @@ weights, iteration counts. Such runs can share each evaluation exactly:
 
 * every member is a separate run of :func:`nstlab.engine.optimize` (in its own thread), with its own image
   parameter and its own optimiser: Adam's moments, or L-BFGS's curvature history, step count, search
-  direction and convergence test -- torch's own ``LBFGS``, one instance per member. Only the evaluation is
-  shared: each member hands its parameter to the batch and waits; when every running member has done so,
-  the caller's thread runs the extractor on the members' images stacked along the batch dimension, gives
-  each member its own terms, and one backward pass of the summed totals fills every member's own gradient;
+  direction and convergence test -- its own L-BFGS (``nstlab.lbfgs``), one instance per member. Only the
+  evaluation is shared: each member hands its parameter to the batch and waits; when every running member
+  has done so, the caller's thread runs the extractor on the members' images stacked along the batch
+  dimension, gives each member its own terms, and one backward pass of the summed totals fills every
+  member's own gradient;
 * convolutions, ReLUs, poolings and BatchNorm in eval mode treat every batch element on its own, so member
   i's activations, loss and gradient are those of its separate run;
 * targets (content features, style Grams) are computed once: they depend only on the pair, the layers and

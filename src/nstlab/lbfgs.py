@@ -211,7 +211,7 @@ class CompactLBFGS(torch.optim.Optimizer):
             gtd = g.dot(d)
             if gtd > -tolerance_change:
                 break
-            param.add_(d.view_as(param), alpha=t)
+            param.add_(d.view_as(param), alpha=t)  # type: ignore[arg-type]  # a tensor t, as in torch
             evals = 0
             opt_cond = False
             if n_iter != max_iter:  # as torch: no evaluation after the last iteration of a step
