@@ -59,6 +59,7 @@ PER_MEMBER_FIELDS = (
     "tv_weight",
     "style_layer_weights",
     "lbfgs_history",
+    "lbfgs_impl",
 )
 
 

@@ -39,7 +39,7 @@ class _History:
     def __init__(self, size: int, like: Tensor) -> None:
         self.size = size
         self.n = like.numel()
-        self.like = like
+        self.dtype, self.device = like.dtype, like.device
         self.blocks: list[Tensor] = []  # block b: (slots, 2, n); [:, 0] = s, [:, 1] = y
         self.order: list[int] = []  # slots, oldest pair first
         self.sy = torch.zeros(size, size, dtype=torch.float64, device=like.device)  # s_iᵀ y_j by slot
@@ -65,8 +65,7 @@ class _History:
         b, r = divmod(slot, CHUNK)
         if b == len(self.blocks):
             slots = min(CHUNK, self.size - b * CHUNK)
-            like = self.like
-            self.blocks.append(torch.empty((slots, 2, self.n), dtype=like.dtype, device=like.device))
+            self.blocks.append(torch.empty((slots, 2, self.n), dtype=self.dtype, device=self.device))
         self.blocks[b][r, 0].copy_(s)
         self.blocks[b][r, 1].copy_(y)
 
