@@ -42,8 +42,9 @@ class _History:
         self.dtype, self.device = like.dtype, like.device
         self.blocks: list[Tensor] = []  # block b: (slots, 2, n); [:, 0] = s, [:, 1] = y
         self.order: list[int] = []  # slots, oldest pair first
-        self.sy = torch.zeros(size, size, dtype=torch.float64, device=like.device)  # s_iᵀ y_j by slot
-        self.yy = torch.zeros(size, size, dtype=torch.float64, device=like.device)  # y_iᵀ y_j by slot
+        # The k x k algebra runs on the CPU in float64 (MPS has no float64; the copies are 2k numbers).
+        self.sy = torch.zeros(size, size, dtype=torch.float64)  # s_iᵀ y_j by slot
+        self.yy = torch.zeros(size, size, dtype=torch.float64)  # y_iᵀ y_j by slot
         self.h_diag: float | Tensor = 1.0
 
     def used(self) -> int:
@@ -76,14 +77,14 @@ class _History:
         k = self.used()
         g = gy[0]
         # Pass 1 over the history: rows (g[, y]) times every stored s and y, in slot order.
-        products = torch.cat([torch.mm(gy, rows.t()) for rows in self._rows(k)], dim=1).double()
+        products = torch.cat([torch.mm(gy, rows.t()) for rows in self._rows(k)], dim=1).cpu().double()
         sg, yg = products[0, 0::2], products[0, 1::2]
         if gy.shape[0] == 2:
             new = self.order[-1]
             self.sy[:k, new] = products[1, 0::2]  # s_iᵀ y_new: the new column of R
             self.yy[:k, new] = products[1, 1::2]
             self.yy[new, :k] = products[1, 1::2]
-        idx = torch.tensor(self.order, device=g.device)
+        idx = torch.tensor(self.order)
         gamma = float(self.h_diag)
         sy = self.sy[idx][:, idx]
         r = torch.triu(sy)
@@ -93,10 +94,10 @@ class _History:
         u = torch.linalg.solve_triangular(r, p, upper=True)
         rhs_a = torch.diagonal(sy).unsqueeze(1) * u + gamma * (yy @ u) - gamma * q
         a = torch.linalg.solve_triangular(r.t(), rhs_a, upper=False)
-        coef = torch.zeros(k, 2, dtype=torch.float64, device=g.device)
+        coef = torch.zeros(k, 2, dtype=torch.float64)
         coef[idx, 0] = a.squeeze(1)
         coef[idx, 1] = -gamma * u.squeeze(1)
-        coef_rows = coef.reshape(-1).to(g.dtype)
+        coef_rows = coef.reshape(-1).to(device=g.device, dtype=g.dtype)
         # Pass 2: out = -(γ g + Σ coefficients · rows).
         torch.mul(g, gamma, out=out)
         start = 0
