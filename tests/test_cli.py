@@ -104,6 +104,8 @@ def test_every_option(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.Ca
         "on",
         "--lbfgs-history",
         "7",
+        "--lbfgs-impl",
+        "torch",
         "--no-compile",
         "--deterministic",
         "--quiet",
@@ -133,6 +135,7 @@ def test_every_option(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.Ca
         "scale_iterations": [],
         "checkpoint": "on",
         "lbfgs_history": 7,
+        "lbfgs_impl": "torch",
         "compile": False,
         "deterministic": True,
     }
@@ -148,6 +151,13 @@ def test_save_every(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.Capt
     )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "r_steps").iterdir()) == ["00002.png", "00004.png"]
+    # A rerun to the same output replaces the earlier run's step images (and only those).
+    (tmp_path / "r_steps" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(
+        ["stylize", str(pair[0]), str(pair[1]), "-o", str(out), *TINY, "--save-every", "3"], capsys
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "r_steps").iterdir()) == ["00003.png", "notes.txt"]
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -246,6 +256,31 @@ def test_bad_output_paths(
     code, _, err = run_cli(["stylize", str(pair[0]), str(pair[1]), "-o", str(tmp_path / name), *TINY], capsys)
     assert code == 2 and needle in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "content.png", "style.png"]
+
+
+@pytest.mark.parametrize("target", ["content", "style", "content record"])
+def test_output_never_overwrites_an_input(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    import nstlab
+    from nstlab.errors import ImageError
+
+    before = {p: p.read_bytes() for p in pair}
+    # The output itself, or its JSON record (same stem), would land on an input file.
+    out = {"content": pair[0], "style": pair[1], "content record": pair[0].with_suffix(".jpg")}[target]
+    if target == "content record":
+        renamed = pair[0].with_suffix(".json")  # an input whose name the record would take
+        pair[0].rename(renamed)
+        pair = (renamed, pair[1])
+        before = {p: p.read_bytes() for p in pair}
+    code, _, err = run_cli(["stylize", str(pair[0]), str(pair[1]), "-o", str(out), *TINY], capsys)
+    assert code == 2 and "would overwrite the input" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in pair} == before
+    # The API's Result.save refuses the same.
+    result = nstlab.stylize(*pair, size=32, iterations=1, weights="random", device="cpu")
+    with pytest.raises(ImageError, match="would overwrite the input"):
+        result.save(out)
+    assert {p: p.read_bytes() for p in pair} == before
 
 
 def test_non_finite_loss_exit_code(

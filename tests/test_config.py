@@ -44,6 +44,10 @@ def test_resolved_fills_layers_weights_and_lr() -> None:
         ({"iterations": 2.5}, "iterations must be an integer"),
         ({"size": True}, "size must be an integer"),
         ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"seed": 2**64}, "seed must be an integer <= 9223372036854775807"),
+        ({"losses": "content,style"}, "losses must be a list .*got the string 'content,style'"),
+        ({"style_layers": ("layer1", "layer1")}, "style_layers lists a layer twice"),
+        ({"lbfgs_impl": "compat"}, "unknown lbfgs_impl 'compat'.*Did you mean 'compact'"),
         ({"device": "gpu"}, "unknown device 'gpu'"),
     ],
 )

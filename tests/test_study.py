@@ -349,3 +349,67 @@ def test_ray_executor_runs_a_smoke_study(tmp_path: Path, monkeypatch: pytest.Mon
         record = json.loads((study.folder / r["record"]).read_text())
         sizes.setdefault(r["pair"], []).append(record["run"].get("batch_size") or 1)
     assert all(sorted(s) == [1, 2, 2] for s in sizes.values()), sizes  # two of a pair's three as one task
+
+
+# --- checks made before any job runs; what a job's record and metrics say -----------------------------
+
+
+def test_content_and_style_metrics_and_input_paths_in_records(tmp_path: Path) -> None:
+    # The output (64 x 48 in a smoke study) is scored against the content at the output's size, whatever
+    # the content file's own size (96 x 72 here); the record names the study's input files, not the
+    # worker's temporary copies.
+    path = write_study(tmp_path, 'optimizer = ["lbfgs"]', pairs=1)
+    path.write_text(path.read_text() + '[metrics]\nnames = ["rmse", "content", "style"]\n')
+    study = load_study(path, smoke=True)
+    assert run_study(study, RunOptions(device="cpu"), quiet=True)["done"] == 1
+    store = Store(store_path(study))
+    (row,) = store.rows()
+    store.close()
+    assert row["metrics"]["content_distance"] >= 0 and row["metrics"]["style_distance"] >= 0
+    record = json.loads((study.folder / row["record"]).read_text())
+    assert record["inputs"]["content"]["source"] == str(study.pairs[0].content)
+    assert record["inputs"]["style"]["source"] == str(study.pairs[0].style)
+
+
+@pytest.mark.parametrize(
+    ("table", "pattern"),
+    [
+        ('maker = "magneta"', "unknown reference maker.*Did you mean 'magenta'"),
+        ("alpha = 5", "alpha must be in \\[0, 1\\]|alpha.*\\[0, 1\\]"),
+        ('maker = "folder"', "needs reference_dir"),
+        ('maker = "magenta"\ncontent_size = 0', "content_size"),
+    ],
+)
+def test_reference_settings_are_checked_when_the_study_loads(
+    tmp_path: Path, table: str, pattern: str
+) -> None:
+    path = write_study(tmp_path, 'optimizer = ["lbfgs"]', pairs=1)
+    path.write_text(path.read_text() + f"[reference]\n{table}\n")
+    with pytest.raises(ConfigError, match=pattern):
+        load_study(path)
+
+
+def test_unavailable_device_or_cluster_fails_before_any_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from nstlab.errors import DeviceError
+
+    path = write_study(tmp_path, 'optimizer = ["lbfgs"]', pairs=1)
+    study = load_study(path, smoke=True)
+    with pytest.raises(InputError, match="is a directory"):
+        load_study(tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            run_study(study, RunOptions(device="cuda"), quiet=True)
+        assert not store_path(study).exists()  # refused before the store was even created
+    ray = pytest.importorskip("ray")
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(DeviceError, match="cannot connect to the Ray cluster at 10.0.0.1:6379"):
+        run_study(study, RunOptions(executor="ray", address="10.0.0.1:6379"), quiet=True)

@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,7 @@ class Result:
     def save(self, path: str | os.PathLike[str], *, record: bool = True) -> Path:
         """Write the image (atomically) and, beside it, the JSON run record. Returns the image path."""
         path = Path(path)
+        images.check_not_an_input(path, (Path(v["source"]) for v in self.record["inputs"].values()))
         meta = {
             "nstlab:config": json.dumps(self.record["config"], sort_keys=True),
             "nstlab:weights": self.record["weights"]["source"],
@@ -195,12 +196,18 @@ def prepare_inputs(
 def _setup(
     content: ImageInput | InputImage,
     style: ImageInput | InputImage,
-    config: StylizeConfig | None,
+    config: StylizeConfig | Mapping[str, Any] | None,
     overrides: dict[str, Any],
 ) -> tuple[
     StylizeConfig, torch.device, tuple[InputImage, InputImage, Image.Image, Image.Image], FeatureExtractor
 ]:
     """Config with overrides, device, loaded and resized inputs, and the (cached) extractor."""
+    if isinstance(config, Mapping):  # e.g. a table read from TOML or JSON
+        config = StylizeConfig.from_dict(config)
+    elif config is not None and not isinstance(config, StylizeConfig):
+        raise ConfigError(
+            f"config must be a StylizeConfig or a mapping of its fields, got {type(config).__name__}"
+        )
     cfg = config or StylizeConfig()
     if overrides:
         cfg = cfg.replace(**overrides)
@@ -263,13 +270,14 @@ def _check_batch_optimizer_memory(
 def stylize(
     content: ImageInput | InputImage,
     style: ImageInput | InputImage,
-    config: StylizeConfig | None = None,
+    config: StylizeConfig | Mapping[str, Any] | None = None,
     *,
     on_step: Callable[[Progress], None] | None = None,
     snapshot_at: Collection[int] = (),
     **overrides: Any,
 ) -> Result:
-    """Stylise ``content`` with ``style``. ``config`` defaults to the report's best setting; keyword
+    """Stylise ``content`` with ``style``. ``config`` (a StylizeConfig, or a mapping of its fields)
+    defaults to the report's best setting; keyword
     ``overrides`` replace single fields (``stylize(c, s, iterations=200, weights="random")``).
 
     Raises an :class:`~nstlab.errors.InputError` subclass for bad images, options, devices or weights,

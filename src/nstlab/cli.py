@@ -272,6 +272,7 @@ def run_stylize(args: argparse.Namespace, content: Path | str, style: Path | str
     cfg = config_from_args(args)
     out = Path(args.output)
     images.check_output_path(out)
+    images.check_not_an_input(out, (content, style))
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
     if args.estimate:
@@ -283,6 +284,12 @@ def run_stylize(args: argparse.Namespace, content: Path | str, style: Path | str
         _warn(RANDOM_WEIGHTS_WARNING)
     snapshots = range(args.save_every, cfg.iterations + 1, args.save_every) if args.save_every else range(0)
     steps_dir = out.with_name(out.stem + "_steps")
+    if snapshots and steps_dir.is_dir():
+        # Step images of an earlier run to the same output would mix with this run's (other steps, other
+        # result): they belong to the output this run replaces. Only our own NNNNN.ext names are touched.
+        for old in steps_dir.iterdir():
+            if old.is_file() and old.stem.isdigit() and len(old.stem) == 5 and old.suffix == out.suffix:
+                old.unlink()
     bar = ProgressBar(cfg.iterations, args.quiet)
 
     def on_step(p: Any) -> None:

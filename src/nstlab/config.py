@@ -81,6 +81,11 @@ class StylizeConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("losses", "content_layers", "style_layers", "style_layer_weights", "scales"):
+            if isinstance(getattr(self, name), str):  # a string would be read one character at a time
+                raise ConfigError(
+                    f"{name} must be a list (e.g. {name}=(...,)), got the string {getattr(self, name)!r}"
+                )
         spec = get_spec(self.extractor)
         if self.optimizer not in OPTIMIZERS:
             raise choice_error("optimizer", self.optimizer, OPTIMIZERS)
@@ -98,6 +103,8 @@ class StylizeConfig:
             if layers is not None:
                 if not layers:
                     raise ConfigError(f"{name} must not be empty")
+                if len(set(layers)) != len(layers):
+                    raise ConfigError(f"{name} lists a layer twice: {','.join(layers)}")
                 spec.check_layers(layers)
         style_layers = self.style_layers or spec.style_layers
         if self.style_layer_weights is not None:
@@ -113,7 +120,7 @@ class StylizeConfig:
             _check_number(name, (getattr(self, name),), minimum=0.0)
         _check_int("iterations", self.iterations, 1)
         _check_int("size", self.size, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, maximum=2**63 - 1)  # torch's generators take a signed 64-bit seed
         if not isinstance(self.weights, str) or not self.weights:
             raise ConfigError("weights must be 'torchvision', 'random' or a path to a state dict file")
         if (
@@ -210,9 +217,11 @@ def _check_number(name: str, values: Sequence[Any], minimum: float, strict: bool
             raise ConfigError(f"{name} must be a finite number {bound}, got {v!r}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be an integer <= {maximum}, got {value!r}")
 
 
 __all__ = [

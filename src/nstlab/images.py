@@ -7,7 +7,7 @@ import hashlib
 import os
 import secrets
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -89,7 +89,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
     if p.stat().st_size == 0:
         raise ImageError(f"image file {p} is empty (0 bytes); re-export or re-download it")
     too_big = f"image {p} has too many pixels (decompression-bomb guard, limit {limit:,} px)"
-    hint = "downscale it first or raise max_pixels"
+    hint = "downscale it first (in Python, load_image(path, max_pixels=...) raises the limit)"
     # Pillow warns inside Image.open against its own global limit (and raises at twice that). Escalate the
     # warning only when our limit is at least as strict, else a raised max_pixels could never take effect.
     pil_limit = Image.MAX_IMAGE_PIXELS
@@ -252,6 +252,24 @@ def check_output_path(path: Path, example: str = "result.png") -> None:
         raise ImageError(f"output {path} is a directory; give a file name such as {path / example}")
     if path.suffix.lower() not in SAVE_FORMATS:
         raise ImageError(f"output {path} has an unsupported extension; use one of {', '.join(SAVE_FORMATS)}")
+
+
+def check_not_an_input(output: Path, inputs: Iterable[object]) -> None:
+    """Refuse an output path that names one of the input image files (or whose JSON record beside it
+    would): writing the result must never destroy what it was made from."""
+    for item in inputs:
+        if not isinstance(item, str | os.PathLike):
+            continue  # an in-memory image has no file to protect
+        source = Path(item)
+        for written in (output, output.with_suffix(".json")):
+            try:
+                same = os.path.samefile(written, source)
+            except OSError:  # one of them does not exist (yet)
+                same = written.resolve() == source.resolve()
+            if same:
+                raise ImageError(
+                    f"output {output} would overwrite the input {source}; give another output name"
+                )
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

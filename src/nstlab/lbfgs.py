@@ -30,7 +30,7 @@ from torch import Tensor
 # Stored pairs live in blocks of this many slots, allocated as the history fills, so that a short run
 # holds little more than the pairs it has (at most CHUNK - 1 unused slots), while each matrix product
 # still streams a block of contiguous rows.
-CHUNK = 8
+CHUNK = 16
 
 
 class _History:

@@ -52,8 +52,8 @@ def total_bytes(device: torch.device) -> int | None:
 def lbfgs_state_bytes(pixels: int, history: int, iterations: int) -> int:
     """L-BFGS's own memory for an RGB image (nstlab.lbfgs.CompactLBFGS): ``min(history, iterations)``
     curvature pairs (s, y), two image-sized fp32 vectors each, plus 5 more (direction, previous gradient,
-    gradient, candidate pair). Pairs are allocated in blocks of up to 8 slots; slots not yet written are
-    not resident on the CPU, but a CUDA allocator reserves them (at most 7 pairs more while the history
+    gradient, candidate pair). Pairs are allocated in blocks of up to 16 slots; slots not yet written are
+    not resident on the CPU, but a CUDA allocator reserves them (at most 15 pairs more while the history
     fills; none once it is full)."""
     vector = 3 * pixels * 4
     return (2 * min(history, iterations) + 5) * vector

@@ -378,7 +378,10 @@ def _torch_load(path: Path) -> Mapping[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a usable state dict"
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load weights from {path}: {msg}") from None
+        raise WeightsError(
+            f"cannot load weights from {path}: not a PyTorch state dict file saved with torch.save "
+            f"({type(exc).__name__}: {msg[:200]})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nstlab.errors import ConfigError
+from nstlab.errors import ConfigError, DeviceError
 from nstlab.study.runner import GroupTask, compute_batch, make_task, persist, sync_store
 from nstlab.study.spec import Job, Study, load_study
 from nstlab.study.store import Store
@@ -218,7 +218,14 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
     started_here = not ray.is_initialized()
     if started_here:
         if opts.address:
-            ray.init(address=opts.address, log_to_driver=False)
+            try:
+                ray.init(address=opts.address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise DeviceError(
+                    f"cannot connect to the Ray cluster at {opts.address} ({first}); pass the address "
+                    "(host:port) of a running `ray start --head`, or leave --address out for a local Ray"
+                ) from None
         else:
             # A private local Ray on the loopback interface only.
             ray.init(
@@ -283,6 +290,10 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
         raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
     if opts.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {opts.batch}")
+    if opts.executor != "ray":  # a Ray cluster's devices are its workers', not this machine's
+        from nstlab.api import resolve_device
+
+        resolve_device(opts.device)  # DeviceError now, not a failure in every job
     store, jobs = sync_store(study)
     ids = _runnable(jobs)
     counts = store.counts(ids)

@@ -39,6 +39,10 @@ class GroupTask:
     metrics: list[str]
     judge_weights: str
     device: str
+    # Where the driver read the pair: the worker computes from temporary copies of the bytes, and the
+    # records must name the study's own files instead (same sha256).
+    content_source: str = ""
+    style_source: str = ""
 
 
 @dataclass
@@ -72,6 +76,8 @@ def make_task(study: Study, jobs: Sequence[Job], device: str) -> GroupTask:
         if study.smoke
         else str(study.raw.get("metrics", {}).get("judge_weights", "torchvision")),
         device=device,
+        content_source=str(pair.content),
+        style_source=str(pair.style),
     )
 
 
@@ -215,7 +221,7 @@ def _score_group(
     """One outcome per job of the group: its snapshot of ``result``, scored against the reference."""
     from PIL import Image
 
-    from nstlab.images import load_image
+    from nstlab.images import load_image, resize_to
     from nstlab.metrics import evaluate_pair, make_judge
     from nstlab.reference import align_to_output
 
@@ -235,6 +241,11 @@ def _score_group(
         record["trace"] = result.trace[:k]
         record["final_losses"] = result.trace[k - 1] if len(result.trace) >= k else None
         record["run"] = {**record["run"], "evaluations": min(k, result.engine.evaluations)}
+        sources = {"content": task.content_source, "style": task.style_source}
+        record["inputs"] = {
+            role: {**entry, "source": sources.get(role) or entry.get("source")}
+            for role, entry in record["inputs"].items()
+        }
         if k != longest.iterations:
             record["snapshot_of"] = {"iterations": longest.iterations, "job": by_iter[-1][0]}
         if ref_error is not None or ref_img is None:
@@ -248,10 +259,12 @@ def _score_group(
             out_pil = Image.open(io.BytesIO(_png(image)))
             aligned = align_to_output(ref_img, out_pil.size)
             want = set(task.metrics)
+            # The content distance compares like with like: the content image at the output's size (the
+            # output is the content resized to the config's size), as `nstlab evaluate` does.
             row = evaluate_pair(
                 image,
                 aligned,
-                content=load_image(content) if "content" in want else None,
+                content=resize_to(load_image(content), out_pil.size) if "content" in want else None,
                 style=load_image(style) if "style" in want else None,
                 judge=judge,
                 lpips_net="alex" if "lpips" in want else None,

@@ -253,8 +253,29 @@ def _smoke_iterations(n: int) -> int:
     return max(2, round(n / SMOKE_ITERATION_SCALE))
 
 
+def _check_reference(reference: Mapping[str, Any], where: str) -> None:
+    """The [reference] table's maker and options, checked now rather than after every job's stylisation."""
+    from nstlab.reference import MAKERS, ReferenceOptions
+
+    maker = reference.get("maker", "auto")
+    if not isinstance(maker, str) or maker.strip().lower() not in MAKERS:
+        raise choice_error(f"reference maker in {where} [reference]", str(maker), MAKERS)
+    if maker.strip().lower() == "folder" and not reference.get("reference_dir"):
+        raise ConfigError(f'{where}: [reference] maker = "folder" needs reference_dir = "<folder>"')
+    options = {k: v for k, v in reference.items() if k != "maker"}
+    for key in ("adain_weights", "reference_dir"):
+        if key in options:
+            options[key] = Path(str(options[key]))
+    try:
+        ReferenceOptions(**options)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} [reference]: {exc}") from None
+
+
 def load_study(path: str | Path, *, smoke: bool = False) -> Study:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a study file such as {path / 'study.toml'}")
     if not path.is_file():
         raise InputError(f"study file {path} does not exist")
     try:
@@ -301,6 +322,7 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
     for key in reference:
         if key not in REFERENCE_KEYS:
             raise _did_you_mean(f"{where} [reference]", key, REFERENCE_KEYS)
+    _check_reference(reference, where)
     if smoke:
         reference["maker"] = (
             "magenta" if reference.get("maker", "auto") in ("auto", "adain") else reference["maker"]
