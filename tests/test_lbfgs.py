@@ -145,3 +145,47 @@ def test_cli_runs_either_implementation(pair: tuple[Path, Path], tmp_path: Path)
     with pytest.raises(SystemExit) as exc:
         main(["stylize", *args, "--weights", "random", "--lbfgs-impl", "fast"])
     assert exc.value.code == 2
+
+
+def test_autocast_regions_and_huge_histories_do_not_change_or_inflate_anything() -> None:
+    # Called inside an autocast region (a user's mixed-precision code), the direction's matrix products
+    # must not drop to bf16: the iterates equal the plain fp32 run's, as torch's do.
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(500, generator=gen) + 0.1
+
+    def g(x: Tensor) -> Tensor:  # element-wise only: autocast leaves the objective itself in fp32
+        return (a * x**2).sum() + (torch.sqrt(1 + x**2) - 1).sum()
+
+    x32 = torch.randn(500, generator=gen)
+    kw = {"history_size": 10, "tolerance_change": 0.0}
+    plain, _, _ = _iterates(CompactLBFGS, g, x32, 3, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _, _ = _iterates(CompactLBFGS, g, x32, 3, **kw)
+    assert len(plain) > 20
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
+    # The k x k matrices grow with the pairs held, not with history_size (10**6 would be 16 TB up front).
+    f, x0 = _convex(n=200)
+    _, _, state = _iterates(CompactLBFGS, f, x0, 1, history_size=10**6)
+    hist = state["history"]
+    assert hist.sy.shape[0] <= hist.used() + CHUNK  # type: ignore[attr-defined]
+
+
+def test_curvature_diagonal_is_the_accepted_sy() -> None:
+    # D = diag(SᵀY) must be the sᵀy values that passed the > 1e-10 test, not re-rounded copies from the
+    # matrix product, which in fp32 can fall to <= 0 where sᵀy is mostly rounding noise (H indefinite).
+    from nstlab.lbfgs import _History
+
+    gen = torch.Generator().manual_seed(0)
+    n, accepted = 2000, 0
+    for _ in range(100):
+        s = torch.randn(n, generator=gen)
+        y = torch.randn(n, generator=gen)
+        y -= (y @ s) / (s @ s) * s  # nearly orthogonal: sᵀy is rounding noise, either sign
+        ys = y.dot(s)
+        if ys > 1e-10:
+            accepted += 1
+            hist = _History(3, s)
+            hist.push(s, y, float(ys), float(y.dot(y)))
+            hist.direction(torch.stack([torch.ones(n), y]), out=torch.empty(n))
+            assert hist.sy[0, 0] == float(ys)
+    assert accepted > 10

@@ -42,10 +42,12 @@ class _History:
         self.dtype, self.device = like.dtype, like.device
         self.blocks: list[Tensor] = []  # block b: (slots, 2, n); [:, 0] = s, [:, 1] = y
         self.order: list[int] = []  # slots, oldest pair first
-        # The k x k algebra runs on the CPU in float64 (MPS has no float64; the copies are 2k numbers).
-        self.sy = torch.zeros(size, size, dtype=torch.float64)  # s_iᵀ y_j by slot
-        self.yy = torch.zeros(size, size, dtype=torch.float64)  # y_iᵀ y_j by slot
+        # The k x k algebra runs on the CPU in float64 (MPS has no float64; the copies are 2k numbers). The
+        # matrices grow with the allocated slots, not to history_size up front (which may be huge).
+        self.sy = torch.zeros(0, 0, dtype=torch.float64)  # s_iᵀ y_j by slot
+        self.yy = torch.zeros(0, 0, dtype=torch.float64)  # y_iᵀ y_j by slot
         self.h_diag: float | Tensor = 1.0
+        self.new_diag: tuple[float, float] = (0.0, 0.0)  # sᵀy, yᵀy of the pair pushed last
 
     def used(self) -> int:
         return len(self.order)
@@ -60,15 +62,23 @@ class _History:
             out.append(block[:rows].view(2 * rows, self.n))
         return out
 
-    def push(self, s: Tensor, y: Tensor) -> None:
+    def push(self, s: Tensor, y: Tensor, ys: float, yy: float) -> None:
+        """Store the pair (s, y) whose sᵀy = ``ys`` passed the curvature test (and yᵀy = ``yy``)."""
         slot = len(self.order) if len(self.order) < self.size else self.order.pop(0)
         self.order.append(slot)
         b, r = divmod(slot, CHUNK)
         if b == len(self.blocks):
             slots = min(CHUNK, self.size - b * CHUNK)
             self.blocks.append(torch.empty((slots, 2, self.n), dtype=self.dtype, device=self.device))
+            cap = b * CHUNK + slots
+            for name in ("sy", "yy"):
+                grown = torch.zeros(cap, cap, dtype=torch.float64)
+                old = getattr(self, name)
+                grown[: old.shape[0], : old.shape[1]] = old
+                setattr(self, name, grown)
         self.blocks[b][r, 0].copy_(s)
         self.blocks[b][r, 1].copy_(y)
+        self.new_diag = (ys, yy)
 
     def direction(self, gy: Tensor, out: Tensor) -> Tensor:
         """out = -H g for ``gy`` = (g, y_new) as a (2, n) matrix, y_new being the pair just pushed (its
@@ -76,19 +86,24 @@ class _History:
         pair was added since the last call."""
         k = self.used()
         g = gy[0]
-        # Pass 1 over the history: rows (g[, y]) times every stored s and y, in slot order.
-        products = torch.cat([torch.mm(gy, rows.t()) for rows in self._rows(k)], dim=1).cpu().double()
+        # Pass 1 over the history: rows (g[, y]) times every stored s and y, in slot order. Never under an
+        # autocast region the caller may have open: these products must stay in the parameter's precision.
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            products = torch.cat([torch.mm(gy, rows.t()) for rows in self._rows(k)], dim=1).cpu().double()
         sg, yg = products[0, 0::2], products[0, 1::2]
         if gy.shape[0] == 2:
             new = self.order[-1]
             self.sy[:k, new] = products[1, 0::2]  # s_iᵀ y_new: the new column of R
             self.yy[:k, new] = products[1, 1::2]
             self.yy[new, :k] = products[1, 1::2]
+            # D must hold the sᵀy that passed the curvature test (> 1e-10), not a re-rounded copy that could
+            # fall to <= 0 when sᵀy is mostly rounding noise and make H indefinite.
+            self.sy[new, new], self.yy[new, new] = self.new_diag
         idx = torch.tensor(self.order)
         gamma = float(self.h_diag)
-        sy = self.sy[idx][:, idx]
+        sy = self.sy[idx.unsqueeze(1), idx]
         r = torch.triu(sy)
-        yy = self.yy[idx][:, idx]
+        yy = self.yy[idx.unsqueeze(1), idx]
         p, q = sg[idx].unsqueeze(1), yg[idx].unsqueeze(1)
         # H g = γ g + S a + Y b with u = R⁻¹ Sᵀg, a = R⁻ᵀ((D + γ YᵀY) u - γ Yᵀg), b = -γ u.
         u = torch.linalg.solve_triangular(r, p, upper=True)
@@ -97,13 +112,14 @@ class _History:
         coef = torch.zeros(k, 2, dtype=torch.float64)
         coef[idx, 0] = a.squeeze(1)
         coef[idx, 1] = -gamma * u.squeeze(1)
-        coef_rows = coef.reshape(-1).to(device=g.device, dtype=g.dtype)
+        coef_rows = coef.reshape(-1).to(g.dtype).to(g.device)  # cast on the CPU: MPS has no float64
         # Pass 2: out = -(γ g + Σ coefficients · rows).
         torch.mul(g, gamma, out=out)
         start = 0
-        for rows in self._rows(k):
-            out.addmv_(rows.t(), coef_rows[start : start + rows.shape[0]])
-            start += rows.shape[0]
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            for rows in self._rows(k):
+                out.addmv_(rows.t(), coef_rows[start : start + rows.shape[0]])
+                start += rows.shape[0]
         return out.neg_()
 
 
@@ -190,8 +206,9 @@ class CompactLBFGS(torch.optim.Optimizer):
                 ys = y.dot(s)
                 added = bool(ys > 1e-10)
                 if added:
-                    history.push(s, y)
-                    history.h_diag = ys / y.dot(y)
+                    yy = y.dot(y)
+                    history.push(s, y, float(ys), float(yy))
+                    history.h_diag = ys / yy
                 if history.used():
                     d = history.direction(work[1:3] if added else work[1:2], out=d)
                 else:  # no pair kept yet: H = 1·I, as torch's empty two-loop recursion gives
