@@ -444,10 +444,16 @@ def mlflow_file_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def test_mlflow_logs_one_run_per_job(done_study: Study, tmp_path: Path, mlflow_file_store: None) -> None:
+@pytest.mark.parametrize("store", ["file", "sqlite"])
+def test_mlflow_logs_one_run_per_job(
+    done_study: Study, tmp_path: Path, mlflow_file_store: None, store: str
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri = (tmp_path / "mlruns").as_uri()
+    if store == "sqlite":  # the store docs/report.md shows; needs the extra's sqlalchemy and alembic
+        pytest.importorskip("sqlalchemy")
+        pytest.importorskip("alembic")
+    uri = (tmp_path / "mlruns").as_uri() if store == "file" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [str(done_study.path), "--smoke", "--mlflow", uri, "--no-figures", "--format", "md", "-q"]
     assert cli(*args, "--out", str(tmp_path / "r")) == 0
     client = MlflowClient(tracking_uri=uri)
