@@ -314,9 +314,17 @@ def test_demo_falls_back_to_random_weights_loudly(
     assert json.loads(out.with_suffix(".json").read_text())["weights"]["random"] is True
 
 
+def _default_sigint() -> None:
+    # A suite started as a background job (`cmd &` without job control) hands its children SIGINT ignored,
+    # and Python then keeps ignoring Ctrl-C; the child must see a terminal user's Ctrl-C either way.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    return subprocess.Popen([sys.executable, "-m", "nstlab.cli", *args], env=env, **kwargs)  # type: ignore[call-overload]
+    return subprocess.Popen(  # type: ignore[call-overload]
+        [sys.executable, "-m", "nstlab.cli", *args], env=env, preexec_fn=_default_sigint, **kwargs
+    )
 
 
 def test_ctrl_c_saves_image_and_record(pair: tuple[Path, Path], tmp_path: Path) -> None:
