@@ -228,6 +228,11 @@ def test_iteration_sweep_snapshots_equal_separate_runs(tmp_path: Path) -> None:
 def _spawn_run(path: Path, *extra: str) -> subprocess.Popen[bytes]:
     # One thread per runner: two 2-thread runners on two cores spin-wait on each other's OpenMP barriers.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    # A runner killed mid-job cannot remove its temporary input folder: keep those inside the test's own
+    # folder instead of leaving them in the machine's /tmp.
+    scratch = path.parent / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(scratch)
     return subprocess.Popen(
         [
             sys.executable,
