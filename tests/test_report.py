@@ -446,13 +446,15 @@ def mlflow_file_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.mark.parametrize("store", ["file", "sqlite"])
 def test_mlflow_logs_one_run_per_job(
-    done_study: Study, tmp_path: Path, mlflow_file_store: None, store: str
+    done_study: Study, tmp_path: Path, mlflow_file_store: None, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow.tracking import MlflowClient
 
     if store == "sqlite":  # the store docs/report.md shows; needs the extra's sqlalchemy and alembic
         pytest.importorskip("sqlalchemy")
         pytest.importorskip("alembic")
+        # A sqlite store keeps artifacts under ./mlruns of the working directory (MLflow's default root).
+        monkeypatch.chdir(tmp_path)
     uri = (tmp_path / "mlruns").as_uri() if store == "file" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [str(done_study.path), "--smoke", "--mlflow", uri, "--no-figures", "--format", "md", "-q"]
     assert cli(*args, "--out", str(tmp_path / "r")) == 0
