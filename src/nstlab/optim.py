@@ -15,7 +15,7 @@ LBFGS_MAX_ITER = 20
 LBFGS_HISTORY = 100
 # L-BFGS implementations: "compact" (nstlab.lbfgs.CompactLBFGS, the default) is torch's algorithm with the
 # search direction computed from the compact representation: the same iterates up to float rounding, and
-# 1.7x less optimiser time at 100 pairs (benchmarks/README.md). "torch" is torch.optim.LBFGS itself, kept
+# 0.66x the direction time at 100 pairs (benchmarks/README.md). "torch" is torch.optim.LBFGS itself, kept
 # for comparisons (benchmarks, tests) and for reproducing runs made before the change.
 LBFGS_IMPLEMENTATIONS = ("compact", "torch")
 

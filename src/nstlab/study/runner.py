@@ -21,7 +21,7 @@ from typing import Any
 
 from nstlab.errors import NstlabError, ResourceError
 from nstlab.images import save_image, write_text_atomic
-from nstlab.study.spec import Job, Study
+from nstlab.study.spec import Job, Study, reference_options
 from nstlab.study.store import Store
 
 
@@ -190,18 +190,14 @@ _Reference = tuple[Any, dict[str, Any] | None, bytes | None, str | None]
 
 def _reference(task: GroupTask, content: Path, style: Path) -> _Reference:
     """(image, info, PNG bytes, error): the pair's pseudo ground truth, or why there is none."""
-    from nstlab.reference import ReferenceOptions, make_reference
+    from nstlab.reference import make_reference
 
     try:
-        ref_opts = {k: v for k, v in task.reference.items() if k != "maker"}
-        for key in ("adain_weights", "reference_dir"):
-            if ref_opts.get(key):
-                ref_opts[key] = Path(ref_opts[key])
         ref = make_reference(
             content,
             style,
             task.reference.get("maker", "auto"),
-            options=ReferenceOptions(**ref_opts),
+            options=reference_options(task.reference),
             pair_name=task.pair,
         )
         return ref.image, ref.info, _png(ref.image), None
@@ -232,6 +228,11 @@ def _score_group(
             judge = make_judge(task.judge_weights)
         except Exception as exc:  # noqa: BLE001
             ref_error = f"judge: {_one_line(exc)}"
+    sources = {"content": task.content_source, "style": task.style_source}
+    inputs = {
+        role: {**entry, "source": sources.get(role) or entry.get("source")}
+        for role, entry in result.record["inputs"].items()
+    }
     outcomes = []
     for job_id, cfg in by_iter:
         k = cfg["iterations"]
@@ -241,11 +242,7 @@ def _score_group(
         record["trace"] = result.trace[:k]
         record["final_losses"] = result.trace[k - 1] if len(result.trace) >= k else None
         record["run"] = {**record["run"], "evaluations": min(k, result.engine.evaluations)}
-        sources = {"content": task.content_source, "style": task.style_source}
-        record["inputs"] = {
-            role: {**entry, "source": sources.get(role) or entry.get("source")}
-            for role, entry in record["inputs"].items()
-        }
+        record["inputs"] = inputs
         if k != longest.iterations:
             record["snapshot_of"] = {"iterations": longest.iterations, "job": by_iter[-1][0]}
         if ref_error is not None or ref_img is None:

@@ -30,11 +30,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nstlab.config import StylizeConfig
 from nstlab.errors import ConfigError, InputError, choice_error
 from nstlab.images import file_sha256
+
+if TYPE_CHECKING:
+    from nstlab.reference import ReferenceOptions
 
 # Bump when a change to the engine changes what a config computes: old results then stop matching.
 ALGORITHM_VERSION = 1
@@ -253,21 +256,28 @@ def _smoke_iterations(n: int) -> int:
     return max(2, round(n / SMOKE_ITERATION_SCALE))
 
 
+def reference_options(reference: Mapping[str, Any]) -> ReferenceOptions:
+    """The [reference] table's options (everything but the maker); ConfigError when one is invalid."""
+    from nstlab.reference import ReferenceOptions
+
+    options = {k: v for k, v in reference.items() if k != "maker"}
+    for key in ("adain_weights", "reference_dir"):
+        if options.get(key):
+            options[key] = Path(str(options[key]))
+    return ReferenceOptions(**options)
+
+
 def _check_reference(reference: Mapping[str, Any], where: str) -> None:
     """The [reference] table's maker and options, checked now rather than after every job's stylisation."""
-    from nstlab.reference import MAKERS, ReferenceOptions
+    from nstlab.reference import MAKERS
 
     maker = reference.get("maker", "auto")
     if not isinstance(maker, str) or maker.strip().lower() not in MAKERS:
         raise choice_error(f"reference maker in {where} [reference]", str(maker), MAKERS)
     if maker.strip().lower() == "folder" and not reference.get("reference_dir"):
         raise ConfigError(f'{where}: [reference] maker = "folder" needs reference_dir = "<folder>"')
-    options = {k: v for k, v in reference.items() if k != "maker"}
-    for key in ("adain_weights", "reference_dir"):
-        if key in options:
-            options[key] = Path(str(options[key]))
     try:
-        ReferenceOptions(**options)
+        reference_options(reference)
     except ConfigError as exc:
         raise ConfigError(f"{where} [reference]: {exc}") from None
 
