@@ -283,6 +283,52 @@ def test_output_never_overwrites_an_input(
     assert {p: p.read_bytes() for p in pair} == before
 
 
+def test_outputs_that_share_a_record_name_are_refused(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import nstlab
+    from nstlab.errors import ImageError
+
+    png, jpg = tmp_path / "out.png", tmp_path / "out.jpg"
+    assert run_cli(["stylize", str(pair[0]), str(pair[1]), "-o", str(png), *TINY], capsys)[0] == 0
+    record = png.with_suffix(".json").read_bytes()
+    # out.jpg's record would be out.json too, and replace the one that says how out.png was made.
+    code, _, err = run_cli(["stylize", str(pair[0]), str(pair[1]), "-o", str(jpg), *TINY], capsys)
+    assert code == 2 and "is the record of" in err and "out_jpg.jpg" in err and err.count("\n") == 1
+    assert not jpg.exists() and png.with_suffix(".json").read_bytes() == record
+    result = nstlab.stylize(*pair, size=32, iterations=1, weights="random", device="cpu")
+    with pytest.raises(ImageError, match="is the record of"):
+        result.save(jpg)
+    assert not jpg.exists() and png.with_suffix(".json").read_bytes() == record
+    assert result.save(jpg, record=False) == jpg  # no record written, nothing to collide
+    jpg.unlink()
+    # Rewriting the same output is a rerun, not a collision; once out.png is gone its record is free.
+    assert run_cli(["stylize", str(pair[0]), str(pair[1]), "-o", str(png), *TINY], capsys)[0] == 0
+    png.unlink()
+    assert run_cli(["stylize", str(pair[0]), str(pair[1]), "-o", str(jpg), *TINY], capsys)[0] == 0
+    assert json.loads(jpg.with_suffix(".json").read_text())["output"] == str(jpg)
+
+
+def test_api_save_without_extension_and_into_a_directory(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import nstlab
+    from nstlab.errors import ImageError
+
+    result = nstlab.stylize(*pair, size=32, iterations=1, weights="random", device="cpu")
+    written = result.save(tmp_path / "plain")  # no extension: PNG, and the return value says where
+    assert written == tmp_path / "plain.png" and written.is_file()
+    assert json.loads((tmp_path / "plain.json").read_text())["output"] == str(written)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ImageError, match="is a directory"):
+        result.save(tmp_path / "adir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adir",
+        "content.png",
+        "plain.json",
+        "plain.png",
+        "style.png",
+    ]
+
+
 def test_non_finite_loss_exit_code(
     pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

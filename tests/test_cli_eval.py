@@ -426,3 +426,22 @@ def test_reference_bad_output_and_missing_input(
     _assert_one_line_error(code, out, err, "image not found", "missing.jpg")
     assert not (tmp_path / "ref.gif").exists() and not (tmp_path / "r.png").exists()
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_record_of_another_image_is_not_used(
+    stylized: Path, pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # out.webp beside out.png's record: out.json describes out.png, not out.webp.
+    other = stylized.with_suffix(".webp")
+    Image.open(stylized).save(other, lossless=True)
+    code, out, err = run_cli(["evaluate", str(other), "magenta"], capsys)
+    _assert_one_line_error(code, out, err, "is the record of result.png, not of result.webp", "--content")
+    code, out, err = run_cli(["evaluate", str(stylized), "magenta"], capsys)  # its own record: used
+    assert code == 0, err
+    # `nstlab reference -o out.jpg` would replace the record of out.png: refused, nothing written.
+    ref = stylized.with_suffix(".jpg")
+    code, out, err = run_cli(["reference", *map(str, pair), "-o", str(ref), "--maker", "magenta"], capsys)
+    _assert_one_line_error(code, out, err, "is the record of", "result.png")
+    assert not ref.exists() and json.loads(stylized.with_suffix(".json").read_text())["output"] == str(
+        stylized
+    )

@@ -30,6 +30,7 @@ from nstlab.engine import EngineResult, Progress, check_compile, optimize, resol
 from nstlab.errors import (
     ConfigError,
     DeviceError,
+    ImageError,
     NonFiniteLossError,
     NstlabError,
     ResourceError,
@@ -154,7 +155,13 @@ class Result:
     def save(self, path: str | os.PathLike[str], *, record: bool = True) -> Path:
         """Write the image (atomically) and, beside it, the JSON run record. Returns the image path."""
         path = Path(path)
+        if path.is_dir():
+            raise ImageError(f"output {path} is a directory; give a file name such as {path / 'result.png'}")
+        if not path.suffix:
+            path = path.with_name(path.name + ".png")  # what save_image writes; the record must match
         images.check_not_an_input(path, (Path(v["source"]) for v in self.record["inputs"].values()))
+        if record:
+            check_sidecar_free(path)
         meta = {
             "nstlab:config": json.dumps(self.record["config"], sort_keys=True),
             "nstlab:weights": self.record["weights"]["source"],
@@ -169,6 +176,36 @@ class Result:
 
 def sidecar_path(image_path: str | os.PathLike[str]) -> Path:
     return Path(image_path).with_suffix(".json")
+
+
+def sidecar_owner(record_path: Path) -> str | None:
+    """The file name of the image that the JSON record at ``record_path`` describes, if it is readable
+    and names one (a run record's ``output``, a reference record's ``image``)."""
+    try:
+        data = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    named = data.get("output", data.get("image"))
+    return Path(named).name if isinstance(named, str) and named else None
+
+
+def check_sidecar_free(image_path: str | os.PathLike[str]) -> None:
+    """Refuse an output whose JSON record would replace the record of *another* image that still exists
+    (``-o out.jpg`` after ``-o out.png``: both records are ``out.json``). Replacing it would leave
+    out.png without the record that says how it was made, or let ``nstlab evaluate out.png`` read
+    out.jpg's. Rewriting the same output (a rerun) is fine."""
+    image = Path(image_path)
+    record = sidecar_path(image)
+    owner = sidecar_owner(record)
+    if owner is None or owner == image.name or not (image.parent / owner).exists():
+        return
+    raise ImageError(
+        f"{record} is the record of {image.parent / owner}; writing {image} would replace it: give another "
+        f"name (e.g. {image.with_name(image.stem + '_' + image.suffix.lstrip('.') + image.suffix)}) "
+        f"or remove {image.parent / owner} first"
+    )
 
 
 def write_record(record: dict[str, Any], path: Path) -> None:
@@ -566,6 +603,7 @@ __all__ = [
     "estimate",
     "resolve_device",
     "sidecar_path",
+    "check_sidecar_free",
     "stylize",
     "stylize_batch",
     "versions",

@@ -267,12 +267,13 @@ class ProgressBar:
 
 def run_stylize(args: argparse.Namespace, content: Path | str, style: Path | str) -> int:
     from nstlab import images
-    from nstlab.api import RANDOM_WEIGHTS_WARNING, sidecar_path, stylize, write_record
+    from nstlab.api import RANDOM_WEIGHTS_WARNING, check_sidecar_free, sidecar_path, stylize, write_record
 
     cfg = config_from_args(args)
     out = Path(args.output)
     images.check_output_path(out)
     images.check_not_an_input(out, (content, style))
+    check_sidecar_free(out)
     if args.save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {args.save_every}")
     if args.estimate:

@@ -213,11 +213,12 @@ def _dump(data: dict[str, Any]) -> str:
 
 def run_reference(args: argparse.Namespace) -> int:
     from nstlab import images
-    from nstlab.api import sidecar_path
+    from nstlab.api import check_sidecar_free, sidecar_path
     from nstlab.reference import make_reference
 
     out = Path(args.output)
     images.check_output_path(out, "reference.png")
+    check_sidecar_free(out)
     for what, given in (("content", args.content), ("style", args.style)):
         if _same_file(out, Path(given)):
             raise ConfigError(f"output {out} is the {what} image; choose another file name")
@@ -312,6 +313,10 @@ def _read_record(output: Path) -> tuple[dict[str, Any] | None, str]:
     inputs = data.get("inputs") if isinstance(data, dict) else None
     if not isinstance(inputs, dict):
         return None, f"{path} is not an nstlab run record (no 'inputs')"
+    named = data.get("output")
+    if isinstance(named, str) and Path(named).name != output.name:
+        # out.png and out.jpg share out.json: a record of the other image says nothing about this one
+        return None, f"{path} is the record of {Path(named).name}, not of {output.name}"
     return data, ""
 
 
