@@ -60,6 +60,9 @@ def test_invalid_values(changes: dict[str, object], pattern: str) -> None:
 def test_unknown_field_did_you_mean() -> None:
     with pytest.raises(ConfigError, match="unknown config field 'iteration'.*Did you mean 'iterations'"):
         StylizeConfig.from_dict({"iteration": 5})
+    # The constructor itself, as API users call it: the same typed error, not the dataclass's TypeError.
+    with pytest.raises(ConfigError, match="unknown config field 'extracter'.*Did you mean 'extractor'"):
+        StylizeConfig(extracter="vgg19")  # type: ignore[call-arg]
 
 
 def test_round_trip_through_dict() -> None:

@@ -169,15 +169,16 @@ class StylizeConfig:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in _fields()}
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> StylizeConfig:
+        # StylizeConfig(extracter="vgg19") would otherwise be the dataclass's bare TypeError; the API's
+        # users get the same ConfigError and "did you mean" as a TOML file or a mapping.
+        _check_field_names(kwargs)
+        return super().__new__(cls)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StylizeConfig:
         """Build from a plain mapping (TOML, JSON); unknown keys fail with a "did you mean"."""
-        names = [f.name for f in _fields()]
-        for key in data:
-            if key not in names:
-                close = get_close_matches(key, names, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"unknown config field {key!r}; valid fields: {', '.join(names)}.{hint}")
+        _check_field_names(data)
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         try:
             return cls(**values)
@@ -207,6 +208,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _fields() -> tuple[dataclasses.Field[Any], ...]:
     return dataclasses.fields(StylizeConfig)
+
+
+def _check_field_names(data: Mapping[str, Any]) -> None:
+    names = [f.name for f in _fields()]
+    for key in data:
+        if key not in names:
+            close = get_close_matches(key, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config field {key!r}; valid fields: {', '.join(names)}.{hint}")
 
 
 def _check_number(name: str, values: Sequence[Any], minimum: float, strict: bool = False) -> None:
