@@ -352,7 +352,7 @@ def test_demo_falls_back_to_random_weights_loudly(
     def offline(*args: object, **kwargs: object) -> None:
         raise URLError("offline")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     out = tmp_path / "demo.png"
     code, _, err = run_cli(["demo", "-o", str(out), "--iterations", "3", "--quiet"], capsys)
     assert code == 0, err

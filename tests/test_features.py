@@ -257,13 +257,42 @@ def test_torchvision_weights_missing_offline(tmp_path: Path, monkeypatch: pytest
     def refuse(*args: object, **kwargs: object) -> None:
         raise URLError("network unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     with pytest.raises(WeightsError) as info:
         build_extractor(get_spec("vgg19"), ("relu4_2",), "torchvision")
     msg = str(info.value)
     assert "\n" not in msg
     assert str(tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in msg
     assert "(1)" in msg and "(2)" in msg and "--weights FILE" in msg and "--weights random" in msg
+
+
+def test_torchvision_weights_download_checks_hash_and_prints_nothing_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    spec = get_spec("resnet18")
+    model = spec.build()
+    calls: list[tuple[str, str, object]] = []
+
+    def download(url: str, dst: str, hash_prefix: object = None, progress: bool = True) -> None:
+        calls.append((url, dst, hash_prefix))
+        torch.save(model.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    ext = build_extractor(spec, ("layer1",), "torchvision")
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", str(cached), "f37072fd")]
+    assert torch.equal(ext.body.conv1.weight, model.conv1.weight) and ext.weights.path == str(cached)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise URLError("network unreachable")
+
+    cached.unlink()
+    capsys.readouterr()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    with pytest.raises(WeightsError):
+        build_extractor(spec, ("layer1",), "torchvision")
+    assert capsys.readouterr() == ("", "")  # the error is the only line the user sees, no "Downloading: ..."
 
 
 def test_torchvision_weights_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,8 +358,15 @@ def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], Weight
         return _torch_load(cached), info
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a closed network must fail, not hang
+    # torch.hub.load_state_dict_from_url would print "Downloading: ..." before failing offline; its own
+    # download_url_to_file prints nothing until connected (a progress bar on a terminal), checks the hash
+    # prefix in the file name (as check_hash=True) and moves the file into place only when complete.
+    found = torch.hub.HASH_REGEX.search(cached.name)
     try:
-        state = torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, weights_only=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(
+            url, str(cached), found.group(1) if found else None, progress=sys.stderr.isatty()
+        )
     except (URLError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(
@@ -369,7 +377,7 @@ def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], Weight
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)
-    return state, info
+    return _torch_load(cached), info
 
 
 def _torch_load(path: Path) -> Mapping[str, Tensor]:
