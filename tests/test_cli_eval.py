@@ -445,3 +445,23 @@ def test_a_record_of_another_image_is_not_used(
     assert not ref.exists() and json.loads(stylized.with_suffix(".json").read_text())["output"] == str(
         stylized
     )
+
+
+def test_evaluate_warns_when_an_image_of_another_shape_is_stretched(
+    stylized: Path, pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_img = Image.open(stylized).convert("RGB")  # 64×48
+    same_shape, square = tmp_path / "ref_96x72.png", tmp_path / "ref_64x64.png"
+    out_img.resize((96, 72)).save(same_shape)
+    out_img.resize((64, 64)).save(square)
+    code, _, err = run_cli(["evaluate", str(stylized), str(same_shape)], capsys)
+    assert code == 0, err
+    assert "resized from 96×72" in err and "stretched" not in err  # same aspect ratio: only resized
+    code, _, err = run_cli(["evaluate", str(stylized), str(square)], capsys)
+    assert code == 0, err
+    assert f"the reference {square} (64×64) has another aspect ratio than the output (64×48, -25%)" in err
+    # A --content of another shape (the wrong file?) for the content distance: the same warning.
+    argv = ["evaluate", str(stylized), str(same_shape), "--content", str(square), "--judge-weights", "random"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert f"the content image {square} (64×64) has another aspect ratio" in err and "stretched" in err

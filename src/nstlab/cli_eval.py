@@ -299,6 +299,22 @@ def _check_channels(output: Path, reference: Path) -> None:
         )
 
 
+# Sizes rounded to whole pixels (AdaIN's multiples of 8 at small sizes included) change the aspect ratio
+# by a few percent at most; more than this means an image of another shape, most likely the wrong file.
+ASPECT_TOLERANCE = 0.05
+
+
+def _warn_if_stretched(
+    notes: list[str], what: str, path: object, size: tuple[int, int], target: tuple[int, int]
+) -> None:
+    change = (size[0] / size[1]) / (target[0] / target[1]) - 1
+    if abs(change) > ASPECT_TOLERANCE:
+        notes.append(
+            f"WARNING: the {what} {path} ({_size(size)}) has another aspect ratio than the output "
+            f"({_size(target)}, {change:+.0%}) and was stretched to it; is it the right file?"
+        )
+
+
 def _read_record(output: Path) -> tuple[dict[str, Any] | None, str]:
     """(OUTPUT's run record or None, why there is none)."""
     from nstlab.api import sidecar_path
@@ -519,12 +535,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         notes.append(
             f"reference resized from {_size(native)} to the output's {_size(out_img.size)} (Lanczos)"
         )
+        _warn_if_stretched(notes, "reference", ref_arg, native, out_img.size)
 
     content_t = style_t = None
     if judge is not None and c_item is not None:
         c_img = c_item.load()
         if c_img.size != out_img.size:
             c_item.extra["resized_to"] = list(out_img.size)
+            _warn_if_stretched(notes, "content image", c_item.path, c_img.size, out_img.size)
             c_img = images.resize_to(c_img, out_img.size)
         content_t = images.to_tensor(c_img)
     if judge is not None and s_item is not None:
