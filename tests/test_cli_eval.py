@@ -1,17 +1,11 @@
-"""``nstlab reference`` and ``nstlab evaluate`` end to end, on the CPU, with the offline Magenta maker.
-
-Until the lead hooks :mod:`nstlab.cli_eval` into ``nstlab.cli``, the commands run through a parser built
-here and a wrapper that maps errors exactly as ``nstlab.cli.main`` does; once ``nstlab evaluate`` exists
-there, ``main`` itself is used.
-"""
+"""``nstlab reference`` and ``nstlab evaluate`` end to end through ``nstlab.cli.main``, on the CPU, with the
+offline Magenta maker."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +15,8 @@ from tests.conftest import write_pair
 
 import nstlab
 from nstlab import metrics
-from nstlab.cli_eval import add_parsers, run
-from nstlab.errors import InputError, NstlabError, WeightsError
+from nstlab.cli import main
+from nstlab.errors import WeightsError
 from nstlab.reference import magenta
 
 OFFLINE_VGG = (
@@ -31,36 +25,9 @@ OFFLINE_VGG = (
 )
 
 
-def _hooked() -> bool:
-    from nstlab.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "evaluate" in sub.choices and "reference" in sub.choices
-
-
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    if _hooked():
-        from nstlab.cli import main
-
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
-    parser = argparse.ArgumentParser(prog="nstlab")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parsers(sub)
     try:
-        args = parser.parse_args(argv)
-        try:
-            code = run(args)
-        except InputError as exc:  # as nstlab.cli.main: _fail(2, ...)
-            print(f"nstlab: error: {exc}", file=sys.stderr)
-            code = 2
-        except NstlabError as exc:  # _fail(1, ...)
-            print(f"nstlab: error: {exc}", file=sys.stderr)
-            code = 1
+        code = main(argv)
     except SystemExit as exc:
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
