@@ -271,6 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     for i, run in enumerate(runs):
         for name, label in (("final", "baseline's final image"), ("best", "baseline's best evaluation")):
             d = run[name]
+            if name == "best":
+                # The literal reading: the baseline's time to its final quality is its whole run
+                # (a tutorial user runs the budget; nothing tells them its loss passed the final value early).
+                n_s = run["final"]["nstlab_s"]
+                print(
+                    f"| baseline's final image, against its whole run (run {i + 1}) "
+                    f"| {run['final']['target_loss']:.5g} | {args.iterations} | {run['baseline_run_s']:.1f} "
+                    f"| {run['final']['nstlab_evals'] or f'> {max_iters}'} | {_f(n_s, 1)} "
+                    f"| {_f(n_s / run['baseline_run_s'] if n_s is not None else None, 3)} "
+                    f"| {_f((run['final']['nstlab_evals'] or 0) / args.iterations or None, 3)} |"
+                )
             n_s, n_e = d["nstlab_s"], d["nstlab_evals"]
             print(
                 f"| {label} (run {i + 1}) | {d['target_loss']:.5g} | {d['baseline_evals']} "
