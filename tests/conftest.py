@@ -20,6 +20,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Hermetic caches: references and AdaIN weights go to a fresh folder (inherited by subprocesses),
     # never to the user's ~/.cache/nstlab.
     os.environ["NSTLAB_CACHE"] = tempfile.mkdtemp(prefix="nstlab-test-cache-")
+    # Never download (torchvision or AdaIN weights), on any machine, in this process or its children:
+    # the tests that exercise a download replace the transfer itself and unset this.
+    os.environ["NSTLAB_OFFLINE"] = "1"
 
 
 def tiny_config(**changes: object) -> StylizeConfig:

@@ -253,6 +253,7 @@ def test_non_state_dict_files_are_rejected(tmp_path: Path) -> None:
 def test_torchvision_weights_missing_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An empty torch hub cache and a network that refuses: the error names the file and the three ways out.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("NSTLAB_OFFLINE")  # the suite's own switch; this test is about the network failing
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise URLError("network unreachable")
@@ -264,12 +265,19 @@ def test_torchvision_weights_missing_offline(tmp_path: Path, monkeypatch: pytest
     assert "\n" not in msg
     assert str(tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth") in msg
     assert "(1)" in msg and "(2)" in msg and "--weights FILE" in msg and "--weights random" in msg
+    assert "could not be downloaded" in msg
+    # With NSTLAB_OFFLINE set no download is tried at all, and the message says why.
+    monkeypatch.setenv("NSTLAB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="NSTLAB_OFFLINE is set, so no download was tried") as info:
+        build_extractor(get_spec("vgg19"), ("relu4_2",), "torchvision")
+    assert "--weights random" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_torchvision_weights_download_checks_hash_and_prints_nothing_offline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("NSTLAB_OFFLINE")  # the transfer itself is replaced below
     spec = get_spec("resnet18")
     model = spec.build()
     calls: list[tuple[str, str, object]] = []

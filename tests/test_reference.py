@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from nstlab import reference as reference_module
 from nstlab.errors import ConfigError, ImageError, InputError, NstlabError, WeightsError
 from nstlab.images import file_sha256
 from nstlab.reference import (
@@ -82,6 +83,10 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = (tmp_path / "no-such-release").as_uri()
     monkeypatch.setattr(adain, "ADAIN_URLS", {n: f"{missing}/{n}" for n in adain.ADAIN_FILES})
     monkeypatch.setattr(adain, "ADAIN_SHA256", None)
+    # Downloads here only ever read file:// URLs, so this module lifts the suite's NSTLAB_OFFLINE, and each
+    # test starts without the process's memory of an earlier failed fetch.
+    monkeypatch.delenv("NSTLAB_OFFLINE", raising=False)
+    monkeypatch.setattr(reference_module, "_ADAIN_FETCH_FAILED", {})
 
 
 @pytest.fixture(scope="module")
@@ -326,15 +331,62 @@ def test_auto_falls_back_to_magenta_and_says_why(
     ref = make_reference(*pair, cache_dir=tmp_path / "refs")
     assert ref.maker == "magenta"
     where = adain.default_weights_dir(cache.cache_root())
-    assert ref.info["auto"] == (
-        f"auto → magenta (AdaIN weights not found at {where}: missing vgg_normalised.pth, decoder.pth)"
+    assert ref.info["auto"].startswith(
+        f"auto → magenta (AdaIN weights not found at {where}: missing vgg_normalised.pth, decoder.pth; "
+        "the download failed: <urlopen error"
     )
     assert str(tmp_path / "nstlab-cache") in ref.info["auto"]  # NSTLAB_CACHE moves the default place
     empty = tmp_path / "empty"
     empty.mkdir()
     ref = make_reference(*pair, options=ReferenceOptions(adain_weights=empty), cache_dir=tmp_path / "refs")
     assert ref.maker == "magenta" and f"not found at {empty}" in ref.info["auto"]
+    assert "download" not in ref.info["auto"]  # an explicit --adain-weights folder is never downloaded into
     assert ref.info["cached"] is True  # same key as above: adain_weights does not matter to Magenta
+
+
+def test_auto_downloads_adain_once_and_falls_back_when_it_cannot(
+    weights_dir: Path, tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The report's reference is AdaIN: "auto" fetches its weights as maker="adain" would.
+    calls: list[str] = []
+    real_download = adain._download
+
+    def counting(url: str, dest: Path, name: str) -> None:
+        calls.append(name)
+        real_download(url, dest, name)
+
+    monkeypatch.setattr(adain, "_download", counting)
+    # Where fetching fails (here: the release URL is absent), Magenta, and no second try in this process.
+    opts = ReferenceOptions(content_size=32, style_size=32)
+    for _ in range(2):
+        ref = make_reference(*pair, options=opts, cache_dir=tmp_path / "refs")
+        assert ref.maker == "magenta" and "the download failed" in ref.info["auto"]
+    assert calls == ["vgg_normalised.pth"]
+    # Online (the release reachable), a fresh process downloads and uses AdaIN.
+    monkeypatch.setattr(reference_module, "_ADAIN_FETCH_FAILED", {})
+    monkeypatch.setattr(adain, "ADAIN_URLS", {n: (weights_dir / n).as_uri() for n in adain.ADAIN_FILES})
+    ref = make_reference(*pair, options=opts, cache_dir=tmp_path / "refs")
+    target = adain.default_weights_dir(cache.cache_root())
+    assert ref.maker == "adain" and ref.info["auto"] == f"auto → adain (weights downloaded into {target})"
+    assert sorted(p.name for p in target.iterdir()) == ["decoder.pth", "vgg_normalised.pth"]
+
+
+def test_nstlab_offline_never_downloads(
+    tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NSTLAB_OFFLINE", "1")
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("downloaded although NSTLAB_OFFLINE is set")
+
+    monkeypatch.setattr(adain, "_download", refuse)
+    ref = make_reference(*pair, cache_dir=tmp_path / "refs")
+    assert ref.maker == "magenta" and ref.info["auto"].endswith("; NSTLAB_OFFLINE is set: no download tried)")
+    with pytest.raises(WeightsError, match="NSTLAB_OFFLINE is set: no download tried"):
+        adain.ensure_weights(ReferenceOptions(), tmp_path)
+    monkeypatch.setenv("NSTLAB_OFFLINE", "0")  # "0", "false", "no" and "" mean online
+    with pytest.raises(AssertionError, match="downloaded although"):
+        adain.ensure_weights(ReferenceOptions(), tmp_path)
 
 
 def test_auto_finds_weights_in_default_cache_dir(weights_dir: Path, pair: tuple[Path, Path]) -> None:

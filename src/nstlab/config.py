@@ -68,9 +68,10 @@ class StylizeConfig:
     # 2 * 100 * 4 bytes per pixel and channel, ~30 GiB at 4096 x 3072; lower it for very large images.
     lbfgs_history: int = 100
     # How L-BFGS computes its search direction: "compact" (nstlab.lbfgs, the default) or "torch"
-    # (torch.optim.LBFGS's two-loop recursion). The same algorithm and iterates up to float rounding;
-    # compact's direction takes 0.66x the time of torch's, saving 5-8 % of an L-BFGS run
-    # (benchmarks/README.md). "torch" reproduces runs made before nstlab had its own.
+    # (torch.optim.LBFGS's two-loop recursion). The same algorithm: equal iterates in float64 (tested);
+    # in float32 the rounding differs and L-BFGS amplifies it, so runs part visibly (pixels, final loss
+    # within a few %) like runs on two kernels. Compact's direction takes 0.66x the time of torch's, saving
+    # 5-8 % of an L-BFGS run (benchmarks/README.md). "torch" reproduces runs made before nstlab had its own.
     lbfgs_impl: str = "compact"
     # torch.compile the extractor: opt-in, it costs tens of seconds of compilation up front and pays off
     # only on long runs (benchmarks/README.md). Results equal eager mode up to float rounding.

@@ -5,7 +5,9 @@ lambda_content = 1, lambda_style = 1e6 were tuned for):
 
 * content:  L_c = sum over content layers l of mean((F_l(x) - F_l(c))^2)      (Gatys et al. Eq. 1, as MSE)
 * Gram:     G_l = F_l F_l^T / (C_l * H_l * W_l), F_l reshaped to (C_l, H_l * W_l)   (size-normalised)
-* style:    L_s = sum over style layers l of w_l * mean((G_l(x) - G_l(s))^2)          (Gatys et al. Eq. 4-5)
+* style:    L_s = sum over style layers l of w_l * mean((G_l(x) - G_l(s))^2)          (Gatys et al. Eq. 4-5,
+            rescaled: Gatys divide sum((G - A)^2) of unnormalised Grams by 4 C^2 M^2; this is 4 / C_l^2 times
+            that per layer, so wider layers weigh less: the tutorial's scale, which lambda_s = 1e6 assumes)
 * TV:       L_tv = mean((x[i+1, j] - x[i, j])^2) + mean((x[i, j+1] - x[i, j])^2)      (squared, smooth)
 
 Normalising the Gram by C*H*W makes the style loss independent of the image size, so one lambda_style

@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from nstlab.errors import WeightsError, choice_error
 from nstlab.features.subpixel import SubPixelGradConv2d
+from nstlab.network import ENV_VAR as OFFLINE_VAR
+from nstlab.network import offline
 
 # torchvision's ImageNet statistics, the ones its pretrained classifiers were trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -356,6 +358,13 @@ def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], Weight
     info = WeightsInfo("torchvision", False, f"{type(enum).__name__}.{enum.name}", url=url, path=str(cached))
     if cached.is_file():
         return _torch_load(cached), info
+    if offline():
+        raise WeightsError(
+            f"{spec.display} ImageNet weights are not cached at {cached}, and {OFFLINE_VAR} is set, so no "
+            f"download was tried. Ways out: (1) unset {OFFLINE_VAR} on a machine with internet; (2) copy "
+            f"{cached.name} into {cached.parent} or pass --weights FILE; (3) pass --weights random for "
+            "tests and smoke runs (not real style transfer)."
+        )
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a closed network must fail, not hang
     # torch.hub.load_state_dict_from_url would print "Downloading: ..." before failing offline; its own

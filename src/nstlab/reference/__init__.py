@@ -23,6 +23,8 @@ from PIL import Image
 
 from nstlab.errors import ConfigError, choice_error
 from nstlab.images import resize_to
+from nstlab.network import ENV_VAR as OFFLINE_VAR
+from nstlab.network import offline
 from nstlab.reference import adain, cache, folder, magenta
 from nstlab.reference.base import ImageSource, Reference, ReferenceOptions, load_input
 
@@ -81,7 +83,31 @@ def resolve_maker(maker: str, options: ReferenceOptions) -> tuple[str, str | Non
         return "adain", f"auto → adain (weights found in {directory})"
     if options.adain_weights is not None:
         log.warning("--adain-weights %s lacks %s; using the Magenta reference", directory, ", ".join(missing))
-    return "magenta", f"auto → magenta (AdaIN weights not found at {directory}: missing {', '.join(missing)})"
+        return (
+            "magenta",
+            f"auto → magenta (AdaIN weights not found at {directory}: missing {', '.join(missing)})",
+        )
+    # The report's pseudo ground truth is AdaIN: fetch its release weights as maker="adain" would, and
+    # fall back to Magenta only where that fails (offline). One attempt per process and folder, so a study's
+    # jobs do not each wait for the network.
+    failure = _ADAIN_FETCH_FAILED.get(directory)
+    if failure is None:
+        if offline():
+            failure = f"{OFFLINE_VAR} is set: no download tried"
+        else:
+            try:
+                adain.ensure_weights(options, cache.cache_root(), download=True)
+                return "adain", f"auto → adain (weights downloaded into {directory})"
+            except adain.DownloadError as exc:
+                failure = f"the download failed: {exc.reason}"
+            _ADAIN_FETCH_FAILED[directory] = failure
+    return (
+        "magenta",
+        f"auto → magenta (AdaIN weights not found at {directory}: missing {', '.join(missing)}; {failure})",
+    )
+
+
+_ADAIN_FETCH_FAILED: dict[Path, str] = {}
 
 
 def _adain_dir() -> Path:

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 from nstlab.errors import ConfigError, DeviceError, ImageError, InputError, WeightsError
 from nstlab.images import to_pil, to_tensor
+from nstlab.network import ENV_VAR as OFFLINE_VAR
+from nstlab.network import offline
 from nstlab.reference.base import MIN_SIZE, ReferenceOptions, cached_file_sha256
 
 __all__ = [
@@ -284,6 +286,14 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+class DownloadError(WeightsError):
+    """The AdaIN weights are missing and fetching them failed; ``reason`` is the network's one-line why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _download(url: str, dest: Path, name: str) -> None:
     """Stream ``url`` to ``dest`` atomically (temp file + rename), checking the sha256 when it is known."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -337,6 +347,10 @@ def ensure_weights(options: ReferenceOptions, cache_root: Path, *, download: boo
         return found
     if explicit or not download:
         raise WeightsError(_missing_message(directory, missing))
+    if offline():
+        raise WeightsError(
+            _missing_message(directory, missing, f" ({OFFLINE_VAR} is set: no download tried)")
+        )
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a closed network must fail, not hang
     try:
@@ -347,8 +361,8 @@ def ensure_weights(options: ReferenceOptions, cache_root: Path, *, download: boo
         raise
     except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
         reason = _one_line(exc) or type(exc).__name__
-        raise WeightsError(
-            _missing_message(directory, missing, f" and the download failed ({reason})")
+        raise DownloadError(
+            _missing_message(directory, missing, f" and the download failed ({reason})"), reason
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)
