@@ -120,7 +120,10 @@ def test_reference_auto_without_adain_weights_picks_magenta_and_says_why(
     record = strict_json(ref.with_suffix(".json"))
     assert record["maker"] == "magenta" and record["requested"] == "auto"
     where = tmp_path / "nstlab-cache" / "weights" / "adain"
-    why = f"auto → magenta (AdaIN weights not found at {where}: missing vgg_normalised.pth, decoder.pth)"
+    why = (
+        f"auto → magenta (AdaIN weights not found at {where}: missing vgg_normalised.pth, decoder.pth; "
+        "NSTLAB_OFFLINE is set: no download tried)"  # the suite runs offline (conftest)
+    )
     assert record["auto"] == why
     assert why in err  # never "auto" silently
 
