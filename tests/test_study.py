@@ -90,6 +90,75 @@ def test_validation_errors_name_the_field(tmp_path: Path, axes: str, pattern: st
         load_study(path)
 
 
+@pytest.mark.parametrize(
+    ("edit", "error", "pattern"),
+    [
+        # A value of the wrong shape is one line naming the table, not a TypeError from deep inside.
+        (('[base]\ndevice = "cpu"', "base = 5"), ConfigError, r"\[base\] must be a table"),
+        (('name = "s"', 'name = "s"\nreference = "magenta"'), ConfigError, r"\[reference\] must be a table"),
+        (('name = "s"', 'name = "s"\nmetrics = ["rmse"]'), ConfigError, r"\[metrics\] must be a table"),
+        (
+            ("[axes]\n", '[metrics]\nnmes = ["rmse"]\n[axes]\n'),
+            ConfigError,
+            "unknown key 'nmes'.*Did you mean 'names'",
+        ),
+        (("[axes]\n", "[metrics]\nnames = []\n[axes]\n"), ConfigError, r"\[metrics\].names is empty"),
+        (("[axes]\n", '[metrics]\nnames = "rmse"\n[axes]\n'), ConfigError, "must be a list of strings"),
+        (('name = "s"', 'name = "s"\npair_names = []'), ConfigError, "pair_names is empty"),
+        (
+            ('name = "s"', 'name = "s"\npair_names = "p0"'),
+            ConfigError,
+            "pair_names must be a list of strings",
+        ),
+        (('name = "s"', "name = 5"), ConfigError, "name must be a string"),
+        (('name = "p0"', 'name = "../../evil"'), ConfigError, "pair name '../../evil' cannot be a file name"),
+        (('name = "p1"', 'name = "a/b"'), ConfigError, "pair name 'a/b' cannot be a file name"),
+        (('name = "p0",', 'name = "p0", weight = 2,'), ConfigError, "unknown key 'weight'"),
+    ],
+)
+def test_malformed_tables_and_names_are_one_line_errors(
+    tmp_path: Path, edit: tuple[str, str], error: type[Exception], pattern: str
+) -> None:
+    path = write_study(tmp_path, 'optimizer = ["adam"]')
+    text = path.read_text()
+    assert edit[0] in text
+    path.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(error, match=pattern) as info:
+        load_study(path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "s").exists() and not (tmp_path.parent / "evil").exists()  # nothing written
+
+
+def test_pairs_csv_with_bom_short_rows_and_other_separators(tmp_path: Path) -> None:
+    c, s = write_pair(tmp_path)
+    csv_path = tmp_path / "pairs.csv"
+    study = tmp_path / "study.toml"
+    study.write_text('pairs = "pairs.csv"\n[base]\ndevice = "cpu"\n')
+    csv_path.write_text(f"pair,content,style\np1,{c.name},{s.name}\n", encoding="utf-8-sig")  # Excel's BOM
+    assert [p.name for p in load_study(study).pairs] == ["p1"]
+    csv_path.write_text(f"pair;content;style\np1;{c.name};{s.name}\n")
+    with pytest.raises(
+        ConfigError, match="comma-separated columns pair,content,style; its header is pair;content"
+    ):
+        load_study(study)
+    csv_path.write_text(f"pair,content,style\np1,{c.name}\n")
+    with pytest.raises(ConfigError, match="line 2: needs a pair, content and style value"):
+        load_study(study)
+    csv_path.write_text(f"pair,content,style\np1,{tmp_path.name and '.'},{s.name}\n")
+    with pytest.raises(InputError, match="is a directory, not an image file"):
+        load_study(study)
+
+
+def test_reference_dir_is_relative_to_the_study_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_study(tmp_path / "here", 'optimizer = ["adam"]')
+    path.write_text(path.read_text() + '[reference]\nmaker = "folder"\nreference_dir = "refs"\n')
+    monkeypatch.chdir(tmp_path)  # not the study's folder
+    with pytest.raises(InputError, match=f"reference_dir {tmp_path / 'here' / 'refs'} is not a folder"):
+        load_study(path)
+    (tmp_path / "here" / "refs").mkdir()
+    assert load_study(path).reference["reference_dir"] == str(tmp_path / "here" / "refs")
+
+
 def test_bad_study_files(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         load_study(tmp_path / "nope.toml")

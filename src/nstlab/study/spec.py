@@ -45,6 +45,7 @@ TOP_KEYS = ("name", "description", "pairs", "pair_names", "base", "axes", "refer
 REFERENCE_KEYS = ("maker", "alpha", "content_size", "style_size", "adain_weights", "reference_dir")
 METRIC_NAMES = ("mse", "rmse", "psnr", "ssim", "content", "style", "lpips")
 DEFAULT_METRICS = ("rmse", "psnr", "ssim")
+METRICS_KEYS = ("names", "judge_weights")
 # Fields that never change what a job computes (where and how it runs is recorded, not hashed).
 # checkpoint, compile, deterministic: the same values and gradients up to float rounding, like a change
 # of device; lbfgs_impl: the same L-BFGS iterates up to float rounding.
@@ -220,11 +221,23 @@ def read_pairs(source: Any, base_dir: Path, where: str) -> list[Pair]:
         csv_path = (base_dir / source).resolve()
         if not csv_path.is_file():
             raise InputError(f"{where}: pairs file {csv_path} does not exist")
-        with open(csv_path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark that would join the first name
+        try:
+            with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                rows = list(reader)
+                header = reader.fieldnames or []
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ConfigError(f"{csv_path}: not a readable UTF-8 CSV file ({exc})") from None
         root = csv_path.parent
-        if rows and not {"pair", "content", "style"} <= set(rows[0]):
-            raise ConfigError(f"{csv_path} must have the columns pair,content,style")
+        if not {"pair", "content", "style"} <= set(header):
+            raise ConfigError(
+                f"{csv_path} must have the comma-separated columns pair,content,style; its header is "
+                f"{','.join(header) or '(empty)'}"
+            )
+        for number, r in enumerate(rows, start=2):
+            if any(r.get(k) in (None, "") for k in ("pair", "content", "style")):
+                raise ConfigError(f"{csv_path} line {number}: needs a pair, content and style value")
         rows = [{"name": r["pair"], "content": r["content"], "style": r["style"]} for r in rows]
     elif isinstance(source, list):
         rows = source
@@ -234,8 +247,16 @@ def read_pairs(source: Any, base_dir: Path, where: str) -> list[Pair]:
     for row in rows:
         if not isinstance(row, dict) or not {"name", "content", "style"} <= set(row):
             raise ConfigError(f"{where}: each pair needs name, content and style, got {row!r}")
-        pair = Pair(str(row["name"]), (root / row["content"]).resolve(), (root / row["style"]).resolve())
+        for key in row:
+            if key not in ("name", "content", "style"):
+                raise _did_you_mean(f"{where} pairs", str(key), ("name", "content", "style"))
+        if not all(isinstance(row[k], str) for k in ("name", "content", "style")):
+            raise ConfigError(f"{where}: a pair's name, content and style must be strings, got {row!r}")
+        _check_pair_name(row["name"], where)
+        pair = Pair(row["name"], (root / row["content"]).resolve(), (root / row["style"]).resolve())
         for p in (pair.content, pair.style):
+            if p.is_dir():
+                raise InputError(f"{where}: {pair.name}: {p} is a directory, not an image file")
             if not p.is_file():
                 raise InputError(f"{where}: {pair.name}: image {p} does not exist")
         pairs.append(pair)
@@ -247,9 +268,38 @@ def read_pairs(source: Any, base_dir: Path, where: str) -> list[Pair]:
     return pairs
 
 
+def _check_pair_name(name: str, where: str) -> None:
+    """A pair's name names its files in the study's folder (images/<pair>/, references/<pair>.png): it
+    must be one plain file name, or the study would write outside its folder."""
+    bad = (
+        not name.strip()
+        or name in (".", "..")
+        or any(c in name for c in '/\\:*?"<>|')
+        or any(ord(c) < 32 for c in name)
+    )
+    if bad:
+        raise ConfigError(
+            f"{where}: pair name {name!r} cannot be a file name (it names the pair's images and reference); "
+            "use letters, digits, '-', '_' or '.', with no '/'"
+        )
+
+
+def _table(raw: Mapping[str, Any], key: str, where: str, example: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table ({example}), got {value!r}")
+    return dict(value)
+
+
+def _string_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'{what} must be a list of strings, e.g. ["a", "b"], got {value!r}')
+    return value
+
+
 # --smoke: any study shrunk to seconds, for tests and demos (never mixed with real results: own folder).
 SMOKE_BASE = {"size": 64, "weights": "random"}
-SMOKE_ITERATION_SCALE = 200  # 1000/1500/2000 -> 5/7/10 evaluations
+SMOKE_ITERATION_SCALE = 200  # 1000/1500/2000 -> 5/8/10 evaluations (round half to even: 7.5 -> 8)
 
 
 def _smoke_iterations(n: int) -> int:
@@ -298,16 +348,24 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
             raise _did_you_mean(where, key, TOP_KEYS)
     if "pairs" not in raw:
         raise ConfigError(f"{where}: 'pairs' is required (a pairs.csv path or a list of tables)")
-    name = str(raw.get("name", path.stem))
+    name = raw.get("name", path.stem)
+    description = raw.get("description", "")
+    for key, value in (("name", name), ("description", description), ("output", raw.get("output", ""))):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
     pairs = read_pairs(raw["pairs"], path.parent, where)
     if "pair_names" in raw:
-        wanted = list(raw["pair_names"])
+        wanted = _string_list(raw["pair_names"], f"{where}: pair_names")
+        if not wanted:
+            raise ConfigError(
+                f"{where}: pair_names is empty; list at least one pair, or leave it out for all"
+            )
         known = {p.name: p for p in pairs}
         for n in wanted:
             if n not in known:
                 raise choice_error(f"pair in {where} pair_names", n, list(known))
         pairs = [known[n] for n in wanted]
-    base = dict(raw.get("base", {}))
+    base = _table(raw, "base", where, "field = value")
     fields = [f.name for f in dataclasses.fields(StylizeConfig)]
     for key in base:
         if key not in fields:
@@ -328,17 +386,33 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
             else s
             for s in settings
         ]
-    reference = dict(raw.get("reference", {"maker": "auto"}))
+    reference = _table(raw, "reference", where, 'maker = "auto"') if "reference" in raw else {"maker": "auto"}
     for key in reference:
         if key not in REFERENCE_KEYS:
             raise _did_you_mean(f"{where} [reference]", key, REFERENCE_KEYS)
+    for key in ("adain_weights", "reference_dir"):
+        # Relative to the study file, as pairs are: the study runs the same from any working directory.
+        if isinstance(reference.get(key), str) and reference[key]:
+            reference[key] = str((path.parent / Path(reference[key]).expanduser()).resolve())
     _check_reference(reference, where)
+    if reference.get("reference_dir") and not Path(str(reference["reference_dir"])).is_dir():
+        raise InputError(f"{where} [reference]: reference_dir {reference['reference_dir']} is not a folder")
     if smoke:
         reference["maker"] = (
             "magenta" if reference.get("maker", "auto") in ("auto", "adain") else reference["maker"]
         )
-    metrics_raw = raw.get("metrics", {})
-    metrics = tuple(metrics_raw.get("names", DEFAULT_METRICS)) if isinstance(metrics_raw, dict) else ()
+    metrics_raw = _table(raw, "metrics", where, 'names = ["rmse", "psnr", "ssim"]')
+    for key in metrics_raw:
+        if key not in METRICS_KEYS:
+            raise _did_you_mean(f"{where} [metrics]", key, METRICS_KEYS)
+    metrics = tuple(_string_list(metrics_raw.get("names", list(DEFAULT_METRICS)), f"{where} [metrics].names"))
+    if not metrics:
+        raise ConfigError(
+            f"{where}: [metrics].names is empty; name at least one of {', '.join(METRIC_NAMES)}"
+        )
+    judge = metrics_raw.get("judge_weights", "torchvision")
+    if not isinstance(judge, str) or not judge:
+        raise ConfigError(f"{where}: [metrics].judge_weights must be torchvision, random or a file path")
     for m in metrics:
         if m not in METRIC_NAMES:
             raise choice_error(f"metric in {where} [metrics].names", m, METRIC_NAMES)
@@ -356,7 +430,7 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         metrics=metrics,
         axes=tuple(axes_raw),
         smoke=smoke,
-        description=str(raw.get("description", "")),
+        description=description,
         raw=raw,
     )
     study.jobs()  # validate every config now, not halfway through a long run
