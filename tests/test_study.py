@@ -487,3 +487,36 @@ def test_unavailable_device_or_cluster_fails_before_any_job(
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(DeviceError, match="cannot connect to the Ray cluster at 10.0.0.1:6379"):
         run_study(study, RunOptions(executor="ray", address="10.0.0.1:6379"), quiet=True)
+
+
+def test_changed_reference_or_metrics_are_refused_once_jobs_are_scored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nstlab.cli import main
+
+    path = write_study(tmp_path, 'optimizer = ["adam"]', pairs=1)
+    original = path.read_text()
+    path.write_text(original + '[metrics]\nnames = ["rmse"]\n')
+    assert run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 1
+    store = Store(store_path(load_study(path, smoke=True)))
+    before = store.rows()
+    store.close()
+    # Another metric set (or reference) would leave the finished job's scores as they were: refused.
+    path.write_text(original + '[metrics]\nnames = ["rmse", "ssim"]\n')
+    with pytest.raises(ConfigError, match=r"the metrics settings changed since 1 job\(s\) were scored"):
+        run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "run", str(path), "--smoke", "--device", "cpu", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "were scored" in capsys.readouterr().err
+    path.write_text(
+        original + '[metrics]\nnames = ["rmse"]\n[reference]\nmaker = "folder"\nreference_dir = "."\n'
+    )
+    with pytest.raises(ConfigError, match="the reference settings changed"):
+        run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)
+    # Restored: runs (nothing to do) and the stored rows are untouched.
+    path.write_text(original + '[metrics]\nnames = ["rmse"]\n')
+    assert run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 1
+    store = Store(store_path(load_study(path, smoke=True)))
+    assert store.rows() == before
+    store.close()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nstlab.errors import NstlabError, ResourceError
+from nstlab.errors import ConfigError, NstlabError, ResourceError
 from nstlab.images import save_image, write_text_atomic
 from nstlab.study.spec import Job, Study, reference_options
 from nstlab.study.store import Store
@@ -72,9 +72,7 @@ def make_task(study: Study, jobs: Sequence[Job], device: str) -> GroupTask:
         jobs=[(j.id, j.config.to_dict()) for j in jobs],
         reference=dict(study.reference),
         metrics=list(study.metrics),
-        judge_weights="random"
-        if study.smoke
-        else str(study.raw.get("metrics", {}).get("judge_weights", "torchvision")),
+        judge_weights=_judge_weights(study),
         device=device,
         content_source=str(pair.content),
         style_source=str(pair.style),
@@ -328,8 +326,46 @@ def store_path(study: Study) -> Path:
     return study.folder / "study.sqlite"
 
 
+def _judge_weights(study: Study) -> str:
+    return "random" if study.smoke else str(study.raw.get("metrics", {}).get("judge_weights", "torchvision"))
+
+
+def scoring(study: Study) -> dict[str, Any]:
+    """What a job's scores depend on besides its output: the reference settings and the metrics. They are
+    not part of a job's id (the stylisation does not depend on them), so the store remembers them."""
+    return {
+        "reference": dict(study.reference),
+        "metrics": list(study.metrics),
+        "judge": _judge_weights(study),
+    }
+
+
+def _check_scoring(study: Study, store: Store) -> None:
+    """Refuse to add results scored one way to results scored another: an edited [reference] or [metrics]
+    table would otherwise leave every finished job's scores as they were, silently."""
+    before = store.meta().get("scoring")
+    now = json.loads(json.dumps(scoring(study)))  # as stored: JSON types
+    if before is None or before == now:
+        return
+    done = sum(r["status"] == "done" for r in store.rows())  # failed jobs hold no scores to protect
+    if not done:
+        return
+    changed = [k for k in ("reference", "metrics", "judge") if before.get(k) != now.get(k)]
+    was = "; ".join(f"{k} was {json.dumps(before.get(k), sort_keys=True)}" for k in changed)
+    raise ConfigError(
+        f"{study.path}: the {' and '.join(changed)} settings changed since {done} job(s) were scored "
+        f"({was}); their stored scores would not match. Restore the old settings, or give the study another "
+        f'output = "..." folder (or remove {study.folder}) to run it afresh'
+    )
+
+
 def sync_store(study: Study) -> tuple[Store, list[Job]]:
     store = Store(store_path(study))
+    try:
+        _check_scoring(study, store)
+    except ConfigError:
+        store.close()
+        raise
     jobs = study.jobs()
     store.sync(
         jobs,
@@ -339,6 +375,7 @@ def sync_store(study: Study) -> tuple[Store, list[Job]]:
             "smoke": study.smoke,
             "axes": list(study.axes),
             "study": study.raw,
+            "scoring": scoring(study),
         },
     )
     return store, jobs
