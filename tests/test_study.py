@@ -520,3 +520,32 @@ def test_changed_reference_or_metrics_are_refused_once_jobs_are_scored(
     store = Store(store_path(load_study(path, smoke=True)))
     assert store.rows() == before
     store.close()
+
+
+def test_failures_and_reference_records_name_the_study_files_and_scores_match_evaluate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nstlab.cli import main
+
+    path = write_study(tmp_path, 'optimizer = ["adam"]', pairs=2)
+    bad = tmp_path / "in1" / "content.png"
+    bad.write_text("not an image\n")  # p1's content: its job fails when it loads
+    study = load_study(path, smoke=True)
+    counts = run_study(study, RunOptions(device="cpu"), quiet=True)
+    assert counts["done"] == 1 and counts["failed"] == 1
+    store = Store(store_path(study))
+    rows = {r["pair"]: r for r in store.rows()}
+    store.close()
+    assert str(bad) in rows["p1"]["error"] and "nstlab-job" not in rows["p1"]["error"]
+    ref_record = json.loads((study.folder / "references" / "p0.json").read_text())
+    assert ref_record["inputs"]["content"]["source"] == str(tmp_path / "in0" / "content.png")
+    assert "nstlab-job" not in json.dumps(ref_record)
+    # The stored scores are those of the saved 8-bit image: `nstlab evaluate` of the files agrees.
+    done = rows["p0"]
+    out, ref = study.folder / done["output"], study.folder / done["reference"]["path"]
+    report = tmp_path / "eval.json"
+    code = main(["evaluate", str(out), str(ref), "--json", str(report)])
+    assert code == 0, capsys.readouterr().err
+    evaluated = json.loads(report.read_text())["metrics"]
+    for name in ("rmse", "psnr", "ssim"):
+        assert evaluated[name] == pytest.approx(done["metrics"][name], rel=1e-9, abs=1e-12), name

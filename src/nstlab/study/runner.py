@@ -110,8 +110,30 @@ def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - a job's failure is data, recorded with its reason
-            return _failed(by_iter, exc)
-        return _score_group(task, result, content, style, by_iter, longest, _reference(task, content, style))
+            return _named(task, content, style, _failed(by_iter, exc))
+        outcomes = _score_group(
+            task, result, content, style, by_iter, longest, _reference(task, content, style)
+        )
+        return _named(task, content, style, outcomes)
+
+
+def _named(task: GroupTask, content: Path, style: Path, outcomes: list[Outcome]) -> list[Outcome]:
+    """Errors and reference records name the study's own input files, not the worker's temporary copies
+    (which are gone once the group is done)."""
+    swaps = [(str(content), task.content_source), (str(style), task.style_source)]
+    swaps = [(tmp, real) for tmp, real in swaps if real]
+
+    def fix(text: str) -> str:
+        for tmp, real in swaps:
+            text = text.replace(tmp, real)
+        return text
+
+    for o in outcomes:
+        if o.error:
+            o.error = fix(o.error)
+        if o.reference_info is not None:
+            o.reference_info = json.loads(fix(json.dumps(o.reference_info)))
+    return outcomes
 
 
 def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | None = None) -> list[Outcome]:
@@ -139,7 +161,9 @@ def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | N
             # one after another instead of failing them.
             return [o for task in tasks for o in compute_group(task, on_step)]
         except Exception as exc:  # noqa: BLE001
-            return [o for by_iter, _ in plans for o in _failed(by_iter, exc)]
+            return _named(
+                tasks[0], content, style, [o for by_iter, _ in plans for o in _failed(by_iter, exc)]
+            )
         reference = _reference(tasks[0], content, style)
         outcomes: list[Outcome] = []
         for task, (by_iter, longest), result in zip(tasks, plans, results, strict=True):
@@ -147,7 +171,7 @@ def compute_batch(tasks: Sequence[GroupTask], on_step: Callable[[Any], None] | N
                 outcomes += _failed(by_iter, result)
             else:
                 outcomes += _score_group(task, result, content, style, by_iter, longest, reference)
-        return outcomes
+        return _named(tasks[0], content, style, outcomes)
 
 
 def _plan(task: GroupTask) -> tuple[list[tuple[str, dict[str, Any]]], Any]:
@@ -215,7 +239,7 @@ def _score_group(
     """One outcome per job of the group: its snapshot of ``result``, scored against the reference."""
     from PIL import Image
 
-    from nstlab.images import load_image, resize_to
+    from nstlab.images import load_image, resize_to, to_tensor
     from nstlab.metrics import evaluate_pair, make_judge
     from nstlab.reference import align_to_output
 
@@ -257,7 +281,7 @@ def _score_group(
             # The content distance compares like with like: the content image at the output's size (the
             # output is the content resized to the config's size), as `nstlab evaluate` does.
             row = evaluate_pair(
-                image,
+                to_tensor(out_pil),  # the 8-bit image that is saved, so `nstlab evaluate` of it agrees
                 aligned,
                 content=resize_to(load_image(content), out_pil.size) if "content" in want else None,
                 style=load_image(style) if "style" in want else None,
