@@ -492,3 +492,12 @@ def test_optimizer_state_that_cannot_fit_is_refused(
     assert code == 2 and not out.exists()
     lines = [line for line in err.splitlines() if line.startswith("nstlab: error:")]
     assert len(lines) == 1 and "--lbfgs-history" in lines[0] and "Traceback" not in err
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    # `nstlab layers vgg19 | head -0`: the reader is gone before nstlab writes; no traceback, exit 141.
+    proc = _spawn(["layers", "vgg19"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -416,24 +417,30 @@ def run_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "stylize":
+        return run_stylize(args, args.content, args.style)
+    if args.command == "demo":
+        return run_demo(args)
+    if args.command == "study":
+        return run_study_command(args)
+    if args.command == "report":
+        from nstlab import cli_report
+
+        return cli_report.run(args)
+    if args.command in ("reference", "evaluate"):
+        from nstlab import cli_eval
+
+        return cli_eval.run(args)
+    return run_layers(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "stylize":
-            return run_stylize(args, args.content, args.style)
-        if args.command == "demo":
-            return run_demo(args)
-        if args.command == "study":
-            return run_study_command(args)
-        if args.command == "report":
-            from nstlab import cli_report
-
-            return cli_report.run(args)
-        if args.command in ("reference", "evaluate"):
-            from nstlab import cli_eval
-
-            return cli_eval.run(args)
-        return run_layers(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is handled below
+        return code
     except InputError as exc:
         _fail(2, str(exc))
     except NstlabError as exc:
@@ -441,6 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nstlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `nstlab study status --failed | head`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and exit quietly as other filters do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter killed by a closed pipe
 
 
 if __name__ == "__main__":
