@@ -18,7 +18,7 @@ from PIL import Image
 from tests.conftest import write_pair
 
 import nstlab
-from nstlab.errors import ConfigError, InputError
+from nstlab.errors import ConfigError, DeviceError, InputError
 from nstlab.images import to_pil
 from nstlab.study import RunOptions, Store, identity, load_study, run_study, store_path
 
@@ -411,11 +411,21 @@ def test_ray_executor_runs_a_smoke_study(tmp_path: Path, monkeypatch: pytest.Mon
     )
     try:
         counts = run_study(study, RunOptions(executor="ray", device="cpu", batch=2), quiet=True)
+        # Nothing left to run: no resource check, no work, same counts.
+        assert run_study(study, RunOptions(executor="ray", gpus_per_job=1), quiet=True) == counts
+        # A job asking for a GPU this cluster lacks would be queued forever: refused at once instead.
+        path.write_text(path.read_text().replace('"adamw"]', '"adamw", { optimizer = "adam", lr = 0.05 }]'))
+        with pytest.raises(
+            DeviceError, match=r"--gpus-per-job 1 asks for more than the Ray cluster has \(0 GPUs"
+        ):
+            run_study(load_study(path, smoke=True), RunOptions(executor="ray", gpus_per_job=1), quiet=True)
+        with pytest.raises(DeviceError, match="--cpus-per-job 64 asks for more"):
+            run_study(load_study(path, smoke=True), RunOptions(executor="ray", cpus_per_job=64), quiet=True)
     finally:
         ray.shutdown()  # only our own cluster
     assert counts["done"] == 6
     store = Store(store_path(study))
-    rows = store.rows()
+    rows = store.rows([j.id for j in study.jobs()])  # the added job never ran
     store.close()
     assert all(r["attempts"] == 1 and r["metrics"]["ssim"] <= 1 for r in rows)
     sizes: dict[str, list[int]] = {}
@@ -487,6 +497,26 @@ def test_unavailable_device_or_cluster_fails_before_any_job(
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(DeviceError, match="cannot connect to the Ray cluster at 10.0.0.1:6379"):
         run_study(study, RunOptions(executor="ray", address="10.0.0.1:6379"), quiet=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "pattern"),
+    [
+        ({"workers": "2"}, ConfigError, "--workers must be an integer >= 1, got '2'"),
+        ({"batch": 0}, ConfigError, "--batch must be an integer >= 1"),
+        ({"cpus_per_job": -1}, ConfigError, "--cpus-per-job must be a number > 0"),
+        ({"gpus_per_job": float("nan")}, ConfigError, "--gpus-per-job must be a number >= 0"),
+        ({"device": "tpu"}, InputError, "unknown device 'tpu'"),
+        ({"device": "cuda:x"}, InputError, "unknown device 'cuda:x'|CUDA is not available"),
+    ],
+)
+def test_bad_run_options_are_typed_errors(
+    tmp_path: Path, options: dict[str, object], error: type[Exception], pattern: str
+) -> None:
+    study = load_study(write_study(tmp_path, 'optimizer = ["adam"]', pairs=1), smoke=True)
+    with pytest.raises(error, match=pattern):
+        run_study(study, RunOptions(**options), quiet=True)  # type: ignore[arg-type]
+    assert not store_path(study).exists()
 
 
 def test_changed_reference_or_metrics_are_refused_once_jobs_are_scored(

@@ -56,14 +56,23 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
-        index = int(name.split(":")[1]) if ":" in name else 0
+        index_text = name.split(":", 1)[1] if ":" in name else "0"
+        if name.split(":", 1)[0] != "cuda" or not index_text.isdigit():
+            raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        index = int(index_text)
         if index >= torch.cuda.device_count():
             raise DeviceError(
                 f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist"
             )
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DeviceError("device 'mps' requested but MPS is not available here; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 @functools.lru_cache(maxsize=4)

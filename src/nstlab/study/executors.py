@@ -9,6 +9,7 @@ started and killed at will, side by side, and a re-run does exactly what is miss
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -234,6 +235,17 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
                 log_to_driver=False,
                 _node_ip_address="127.0.0.1",
             )
+    # Ray queues a task whose request no node can meet, forever and silently: check the cluster first.
+    resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    for name, flag, need in (("CPU", "cpus", opts.cpus_per_job), ("GPU", "gpus", opts.gpus_per_job)):
+        have = float(resources.get(name, 0))
+        if need > have:
+            if started_here:
+                ray.shutdown()
+            raise DeviceError(
+                f"--{flag}-per-job {need:g} asks for more than the Ray cluster has ({have:g} {name}s in "
+                "all): no job could ever start; lower it, or use a cluster with such nodes"
+            )
     remote = ray.remote(num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job)(_remote_compute)
     device = opts.device if opts.device != "auto" else ("cuda" if opts.gpus_per_job > 0 else "cpu")
     by_id = {j.id: j for j in jobs}
@@ -286,10 +298,19 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
         from nstlab.errors import choice_error
 
         raise choice_error("executor", opts.executor, EXECUTORS)
-    if opts.workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {opts.workers}")
-    if opts.batch < 1:
-        raise ConfigError(f"--batch must be >= 1, got {opts.batch}")
+    for flag, value in (("workers", opts.workers), ("batch", opts.batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{flag} must be an integer >= 1, got {value!r}")
+    resource: tuple[tuple[str, object, bool], ...] = (
+        ("cpus-per-job", opts.cpus_per_job, False),
+        ("gpus-per-job", opts.gpus_per_job, True),
+    )
+    for flag, amount, zero_ok in resource:
+        number = isinstance(amount, int | float) and not isinstance(amount, bool) and math.isfinite(amount)
+        if not number or not isinstance(amount, int | float) or amount < 0 or (amount == 0 and not zero_ok):
+            raise ConfigError(f"--{flag} must be a number {'>=' if zero_ok else '>'} 0, got {amount!r}")
+    if not isinstance(opts.device, str):
+        raise ConfigError(f"--device must be a string such as cpu or cuda, got {opts.device!r}")
     if opts.executor != "ray":  # a Ray cluster's devices are its workers', not this machine's
         from nstlab.api import resolve_device
 
@@ -298,8 +319,11 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
     ids = _runnable(jobs)
     counts = store.counts(ids)
     bar = Progress(len(ids), counts["done"] + (0 if opts.retry_failed else counts["failed"]), quiet)
+    left = counts["pending"] + counts["running"] + (counts["failed"] if opts.retry_failed else 0)
     try:
-        if opts.executor == "ray":
+        if not left:
+            pass  # nothing to run: no Ray to start, no workers to spawn
+        elif opts.executor == "ray":
             _run_ray(study, store, jobs, opts, bar)
         elif opts.executor == "pool" or opts.workers > 1:
             _run_pool(study, store, jobs, opts, bar)
