@@ -579,3 +579,23 @@ def test_failures_and_reference_records_name_the_study_files_and_scores_match_ev
     evaluated = json.loads(report.read_text())["metrics"]
     for name in ("rmse", "psnr", "ssim"):
         assert evaluated[name] == pytest.approx(done["metrics"][name], rel=1e-9, abs=1e-12), name
+
+
+def test_missing_pretrained_weights_stop_the_run_before_any_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nstlab.errors import WeightsError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache; the suite is offline
+    path = write_study(tmp_path, 'optimizer = ["adam", "adamw"]', pairs=1, base="size = 32\niterations = 2")
+    study = load_study(path)  # not --smoke: torchvision's weights
+    with pytest.raises(WeightsError, match="ResNet-18 ImageNet weights are not cached"):
+        run_study(study, RunOptions(device="cpu"), quiet=True)
+    store = Store(store_path(study))
+    assert {r["status"] for r in store.rows()} == {"pending"}  # no job ran, none failed
+    store.close()
+    path.write_text(
+        path.read_text().replace("iterations = 2", f'iterations = 2\nweights = "{tmp_path / "no.pth"}"')
+    )
+    with pytest.raises(WeightsError, match="no.pth does not exist"):
+        run_study(load_study(path), RunOptions(device="cpu"), quiet=True)

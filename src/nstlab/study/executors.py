@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +207,21 @@ def _run_pool(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar
         p.join()
 
 
+def _check_weights(jobs: Sequence[Job], device: str) -> None:
+    """Load (or download) each pretrained extractor the study uses once, now: a missing or broken weights
+    file is one error up front (exit 2) instead of the same failure recorded for every job. The local
+    runner then reuses the loaded extractor (nstlab.api caches it)."""
+    from nstlab.api import get_extractor, resolve_device
+
+    seen = set()
+    for job in jobs:
+        cfg = job.config
+        key = (cfg.extractor, cfg.weights, cfg.content_layers, cfg.style_layers)
+        if cfg.weights != "random" and key not in seen:
+            seen.add(key)
+            get_extractor(cfg, resolve_device(device))
+
+
 def _remote_compute(tasks: list[GroupTask]) -> list[Any]:
     return compute_batch(tasks)
 
@@ -321,6 +337,8 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
     bar = Progress(len(ids), counts["done"] + (0 if opts.retry_failed else counts["failed"]), quiet)
     left = counts["pending"] + counts["running"] + (counts["failed"] if opts.retry_failed else 0)
     try:
+        if left and opts.executor != "ray":  # a Ray worker has its own weights cache
+            _check_weights(jobs, opts.device)
         if not left:
             pass  # nothing to run: no Ray to start, no workers to spawn
         elif opts.executor == "ray":
