@@ -483,3 +483,22 @@ def test_out_dir_format_md_with_figures_and_rerun(fresh_study: Study, tmp_path: 
     build_report(fresh_study, out, formats=("md",))
     assert not stale.exists()  # figures of an earlier report that no longer apply are removed
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["grid.png", "grid.svg"]
+
+
+def test_number_formats_keep_significant_zeros_and_latex_minus() -> None:
+    from nstlab.report.data import Cell, format_std, format_value
+    from nstlab.report.tables import _tex_cell
+
+    # 4 significant digits, trailing zeros kept, so a column lines up (0.3550 beside 0.3474).
+    assert [format_value("rmse", v) for v in (0.355, 0.3474, 1000.0, 1.2e-5, 2.5)] == [
+        "0.3550",
+        "0.3474",
+        "1000",
+        "1.200e-05",
+        "2.500",
+    ]
+    assert format_value("psnr", 21.5) == "21.50" and format_value("ssim", 0.5) == "0.5000"
+    assert format_std("rmse", 0.01234) == "0.012" and format_std("ssim", 0.02651) == "0.0265"
+    # LaTeX gets a minus sign, not a hyphen.
+    assert _tex_cell("mse", Cell(mean=-0.0018, n=1), std=False) == "$-$0.001800"
+    assert _tex_cell("mse", Cell(mean=0.0018, n=1), std=False) == "0.001800"

@@ -72,7 +72,8 @@ def format_value(key: str, value: float) -> str:
         return f"{value:.2f}"
     if key == "peak_memory_bytes":
         return f"{value:.0f}"
-    return f"{value:.4g}"
+    # "#" keeps trailing zeros (0.3550 beside 0.3474, both 4 significant digits); a bare "1000." loses its dot
+    return f"{value:#.4g}".replace(".e", "e").rstrip(".")
 
 
 def format_std(key: str, value: float) -> str:

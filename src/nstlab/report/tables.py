@@ -152,7 +152,8 @@ def _tex_cell(key: str, cell: Cell, std: bool) -> str:
     if cell.mean is None:
         return "---" + suffix
     value = format_value(key, cell.mean)
-    text = tex_escape(value)
+    # A minus sign, not the text hyphen a bare "-" sets (-0.0018 of a TV-only setting, -inf)
+    text = "$-$" + tex_escape(value[1:]) if value.startswith("-") else tex_escape(value)
     if std and cell.std is not None and cell.n > 1:
         text = f"{text} $\\pm$ {tex_escape(format_std(key, cell.std))}"
     if cell.best:
