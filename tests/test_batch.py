@@ -330,5 +330,5 @@ def test_max_groups_caps_a_batch(tmp_path: Path) -> None:
 
 def test_batch_option_is_validated(tmp_path: Path) -> None:
     study = load_study(write_study(tmp_path, 'optimizer = ["adam"]', pairs=1), smoke=True)
-    with pytest.raises(ConfigError, match="--batch must be >= 1"):
+    with pytest.raises(ConfigError, match="--batch must be an integer >= 1"):
         run_study(study, RunOptions(device="cpu", batch=0), quiet=True)

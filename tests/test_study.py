@@ -560,6 +560,15 @@ def test_failures_and_reference_records_name_the_study_files_and_scores_match_ev
     path = write_study(tmp_path, 'optimizer = ["adam"]', pairs=2)
     bad = tmp_path / "in1" / "content.png"
     bad.write_text("not an image\n")  # p1's content: its job fails when it loads
+    # A cached reference of the same bytes made from other files (an earlier run, another study): the
+    # study's record must still name its own files.
+    from nstlab.reference import make_reference
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("content.png", "style.png"):
+        shutil.copyfile(tmp_path / "in0" / name, elsewhere / name)
+    make_reference(elsewhere / "content.png", elsewhere / "style.png", "magenta")
     study = load_study(path, smoke=True)
     counts = run_study(study, RunOptions(device="cpu"), quiet=True)
     assert counts["done"] == 1 and counts["failed"] == 1

@@ -118,8 +118,8 @@ def compute_group(task: GroupTask, on_step: Callable[[Any], None] | None = None)
 
 
 def _named(task: GroupTask, content: Path, style: Path, outcomes: list[Outcome]) -> list[Outcome]:
-    """Errors and reference records name the study's own input files, not the worker's temporary copies
-    (which are gone once the group is done)."""
+    """Errors name the study's own input files, not the worker's temporary copies (gone once the group is
+    done). Records get the same through their inputs (``_score_group``, ``_reference``)."""
     swaps = [(str(content), task.content_source), (str(style), task.style_source)]
     swaps = [(tmp, real) for tmp, real in swaps if real]
 
@@ -131,8 +131,6 @@ def _named(task: GroupTask, content: Path, style: Path, outcomes: list[Outcome])
     for o in outcomes:
         if o.error:
             o.error = fix(o.error)
-        if o.reference_info is not None:
-            o.reference_info = json.loads(fix(json.dumps(o.reference_info)))
     return outcomes
 
 
@@ -222,7 +220,14 @@ def _reference(task: GroupTask, content: Path, style: Path) -> _Reference:
             options=reference_options(task.reference),
             pair_name=task.pair,
         )
-        return ref.image, ref.info, _png(ref.image), None
+        info = json.loads(json.dumps(ref.info))
+        # The study's own files, not this worker's temporary copies (nor, for a cached reference, the copies
+        # of whichever run made it first): same bytes, same sha256.
+        for role, source in (("content", task.content_source), ("style", task.style_source)):
+            entry = info.get("inputs", {}).get(role)
+            if source and isinstance(entry, dict):
+                entry["source"] = source
+        return ref.image, info, _png(ref.image), None
     except Exception as exc:  # noqa: BLE001
         return None, None, None, f"reference: {_one_line(exc)}"
 
