@@ -608,3 +608,16 @@ def test_missing_pretrained_weights_stop_the_run_before_any_job(
     )
     with pytest.raises(WeightsError, match="no.pth does not exist"):
         run_study(load_study(path), RunOptions(device="cpu"), quiet=True)
+
+
+def test_a_real_study_with_random_weights_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nstlab.cli import main
+
+    base = 'weights = "random"\nsize = 32\niterations = 2'
+    path = write_study(tmp_path, 'optimizer = ["adam", "adamw"]', pairs=1, base=base)
+    assert main(["study", "run", str(path), "--device", "cpu", "--quiet"]) == 0
+    assert "WARNING: 2 of 2 jobs use RANDOM weights" in capsys.readouterr().err
+    assert main(["study", "run", str(path), "--device", "cpu", "--quiet", "--smoke"]) == 0
+    assert (
+        "RANDOM" not in capsys.readouterr().err
+    )  # --smoke is random by definition; --quiet hides its header

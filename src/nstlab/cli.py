@@ -377,6 +377,11 @@ def run_study_command(args: argparse.Namespace) -> int:
                 f"settings) in {study.folder}{' [SMOKE: random weights, 64 px]' if study.smoke else ''}",
                 file=sys.stderr,
             )
+        random = sum(j.config.weights == "random" for j in jobs)
+        if random and not study.smoke:  # a smoke study says so above; a real one must not pass unnoticed
+            _warn(
+                f"{random} of {len(jobs)} jobs use RANDOM weights: their results are not real style transfer"
+            )
         try:
             counts = run_study(study, opts, quiet=args.quiet)
         except KeyboardInterrupt:
