@@ -502,3 +502,15 @@ def test_number_formats_keep_significant_zeros_and_latex_minus() -> None:
     # LaTeX gets a minus sign, not a hyphen.
     assert _tex_cell("mse", Cell(mean=-0.0018, n=1), std=False) == "$-$0.001800"
     assert _tex_cell("mse", Cell(mean=0.0018, n=1), std=False) == "0.001800"
+
+
+def test_rows_of_an_earlier_study_version_are_counted_in_markdown_and_html(tmp_path: Path) -> None:
+    path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]', name="edit")
+    assert run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 4
+    path.write_text(path.read_text().replace('optimizer = ["lbfgs", "adam"]', 'optimizer = ["adam"]'))
+    out = build_report(load_study(path, smoke=True), formats=("md", "html"), figures=False)
+    note = "2 rows in the store belong to an earlier version of the study file"
+    assert (
+        note in (out / "report.md").read_text()
+        and "2 rows in the store belong" in (out / "index.html").read_text()
+    )

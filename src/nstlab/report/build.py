@@ -70,7 +70,13 @@ def _markdown(data: ReportData, tables: Sequence[Table], figures: Figures, out_d
     lines += [
         f"{plural(len(data.pairs), 'pair')} × {plural(len(data.settings), 'setting')}"
         + (f" (axes: {', '.join(study.axes)})" if study.axes else "")
-        + f"; jobs: {c['done']} done, {c['running']} running, {c['failed']} failed, {c['pending']} pending.",
+        + f"; jobs: {c['done']} done, {c['running']} running, {c['failed']} failed, {c['pending']} pending."
+        + (
+            f" {plural(data.stale_rows, 'row')} in the store belong to an earlier version of the study file "
+            "and are not shown."
+            if data.stale_rows
+            else ""
+        ),
         "",
     ]
     if not data.any_done:
