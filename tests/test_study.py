@@ -386,11 +386,20 @@ def test_two_concurrent_runners_split_the_work(tmp_path: Path) -> None:
     assert len(workers) == 2, workers  # both runners did part of the work, no job twice
 
 
-def test_pool_executor(tmp_path: Path) -> None:
+def test_pool_executor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_study(tmp_path, 'optimizer = ["lbfgs", "adam"]')
     study = load_study(path, smoke=True)
-    counts = run_study(study, RunOptions(executor="pool", workers=2, device="cpu"), quiet=True)
+    counts = run_study(study, RunOptions(executor="pool", workers=2, device="cpu"), quiet=False)
     assert counts["done"] == 4
+    # Not a terminal: one line per finished job, naming it, as the single-process runner prints.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert sorted(line.split("] ", 1)[1] for line in lines) == [
+        "done: p0 / adam",
+        "done: p0 / lbfgs",
+        "done: p1 / adam",
+        "done: p1 / lbfgs",
+    ]
+    assert sorted(line.split("]")[0] for line in lines) == ["[1/4", "[2/4", "[3/4", "[4/4"]
     store = Store(store_path(study))
     assert all(r["attempts"] == 1 for r in store.rows())
     store.close()

@@ -190,15 +190,25 @@ def _run_pool(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar
     for p in procs:
         p.start()
     ids = _runnable(jobs)
-    seen = store.counts(ids)["done"] + store.counts(ids)["failed"]
+    labels = {j.id: f"{j.pair.name} / {j.setting.label}" for j in jobs}
+
+    def finished() -> dict[str, tuple[float, str]]:
+        return {
+            r["id"]: (r["finished"], r["status"])
+            for r in store.rows(ids)
+            if r["status"] in ("done", "failed")
+        }
+
+    seen = finished()
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(0.5)
-            counts = store.counts(ids)
-            finished = counts["done"] + counts["failed"]
-            if bar is not None and finished > seen:
-                bar.job_done(f"{counts['done']} done, {counts['failed']} failed", "progress", finished - seen)
-            seen = finished
+            now = finished()
+            # A job is reported once it finishes (again, with --retry-failed): its label and how it ended.
+            for job_id, (when, status) in now.items():
+                if bar is not None and seen.get(job_id, (None, ""))[0] != when:
+                    bar.job_done(labels[job_id], status)
+            seen = now
     except KeyboardInterrupt:
         for p in procs:
             p.join(timeout=30)
@@ -339,6 +349,10 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
     try:
         if left and opts.executor != "ray":  # a Ray worker has its own weights cache
             _check_weights(jobs, opts.device)
+            if opts.executor == "pool" or opts.workers > 1:
+                from nstlab.api import _cached_extractor
+
+                _cached_extractor.cache_clear()  # the workers load their own; the driver need not hold one
         if not left:
             pass  # nothing to run: no Ray to start, no workers to spawn
         elif opts.executor == "ray":
