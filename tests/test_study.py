@@ -561,14 +561,42 @@ def test_changed_reference_or_metrics_are_refused_once_jobs_are_scored(
     store.close()
 
 
-def test_failures_and_reference_records_name_the_study_files_and_scores_match_evaluate(
+def test_unreadable_input_images_stop_the_run_before_any_job(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from nstlab.cli import main
 
+    path = write_study(tmp_path, 'optimizer = ["adam", "adamw"]', pairs=2)
+    good = tmp_path / "in1" / "style.png"
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])  # truncated: it exists and has a PNG header
+    study = load_study(path, smoke=True)
+    with pytest.raises(InputError, match=r"pair p1: style image file .*style.png is truncated or corrupt"):
+        run_study(study, RunOptions(device="cpu"), quiet=True)
+    store = Store(store_path(study))
+    assert {r["status"] for r in store.rows()} == {"pending"}  # no job ran, none failed
+    store.close()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "run", str(path), "--smoke", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "pair p1: style" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # Only pairs with jobs to run are read: left out of the study with pair_names, p1 does not block p0.
+    path.write_text(path.read_text().replace("pairs = [", 'pair_names = ["p0"]\npairs = [', 1))
+    assert run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 2
+
+
+def test_failures_and_reference_records_name_the_study_files_and_scores_match_evaluate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nstlab.cli import main
+    from nstlab.study import executors
+
     path = write_study(tmp_path, 'optimizer = ["adam"]', pairs=2)
     bad = tmp_path / "in1" / "content.png"
     bad.write_text("not an image\n")  # p1's content: its job fails when it loads
+    # As if the file went bad after the run's up-front check (a long run, a file replaced meanwhile).
+    monkeypatch.setattr(executors, "_check_inputs", lambda *args: None)
     # A cached reference of the same bytes made from other files (an earlier run, another study): the
     # study's record must still name its own files.
     from nstlab.reference import make_reference

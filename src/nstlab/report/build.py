@@ -72,8 +72,9 @@ def _markdown(data: ReportData, tables: Sequence[Table], figures: Figures, out_d
         + (f" (axes: {', '.join(study.axes)})" if study.axes else "")
         + f"; jobs: {c['done']} done, {c['running']} running, {c['failed']} failed, {c['pending']} pending."
         + (
-            f" {plural(data.stale_rows, 'row')} in the store belong to an earlier version of the study file "
-            "and are not shown."
+            f" {plural(data.stale_rows, 'row')} in the store"
+            f" {'belongs' if data.stale_rows == 1 else 'belong'} to an earlier version of the study file"
+            f" and {'is' if data.stale_rows == 1 else 'are'} not shown."
             if data.stale_rows
             else ""
         ),

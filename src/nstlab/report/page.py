@@ -214,8 +214,9 @@ def render_page(
     parts.append(_provenance(data))
     if data.stale_rows:
         parts.append(
-            f'<p class="caption">{data.stale_rows} rows in the store belong to an earlier version of the '
-            "study file and are not shown.</p>"
+            f'<p class="caption">{plural(data.stale_rows, "row")} in the store '
+            f"{'belongs' if data.stale_rows == 1 else 'belong'} to an earlier version of the study file and "
+            f"{'is' if data.stale_rows == 1 else 'are'} not shown.</p>"
         )
     if files:
         links = " · ".join(

@@ -232,6 +232,24 @@ def _check_weights(jobs: Sequence[Job], device: str) -> None:
             get_extractor(cfg, resolve_device(device))
 
 
+def _check_inputs(study: Study, store: Store, ids: Sequence[str], retry_failed: bool) -> None:
+    """Decode each input image of the pairs that still have jobs to run, once, now: a missing, truncated
+    or unreadable file is one error up front (exit 2) naming the pair, instead of every job of that pair
+    failing (possibly hours into a run, with Ray or a pool) and the rest of the study running on."""
+    from nstlab.errors import ImageError, InputError
+    from nstlab.images import load_image
+
+    todo = {"pending", "running"} | ({"failed"} if retry_failed else set())
+    names = {row["pair"] for row in store.rows(ids) if row["status"] in todo}
+    for pair in study.pairs:
+        if pair.name in names:
+            for role, path in (("content", pair.content), ("style", pair.style)):
+                try:
+                    load_image(path)
+                except ImageError as exc:
+                    raise InputError(f"{study.path.name}: pair {pair.name}: {role} {exc}") from None
+
+
 def _remote_compute(tasks: list[GroupTask]) -> list[Any]:
     return compute_batch(tasks)
 
@@ -347,6 +365,8 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
     bar = Progress(len(ids), counts["done"] + (0 if opts.retry_failed else counts["failed"]), quiet)
     left = counts["pending"] + counts["running"] + (counts["failed"] if opts.retry_failed else 0)
     try:
+        if left:
+            _check_inputs(study, store, ids, opts.retry_failed)
         if left and opts.executor != "ray":  # a Ray worker has its own weights cache
             _check_weights(jobs, opts.device)
             if opts.executor == "pool" or opts.workers > 1:
