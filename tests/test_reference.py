@@ -245,6 +245,56 @@ def test_download_and_sha256_verification(
     assert all(rec["verified"] is False and rec["sha256"] == real[n] for n, rec in record.items())
 
 
+def test_a_short_or_non_checkpoint_download_is_discarded(
+    weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No digest is published for the release files, so the length the server announced and "is it a
+    # checkpoint at all" are what stand between a dropped connection or a proxy's error page and a cache
+    # that breaks every later reference.
+    import http.server
+    import threading
+
+    monkeypatch.delenv("NSTLAB_OFFLINE", raising=False)
+    good = (weights_dir / "vgg_normalised.pth").read_bytes()
+    bodies = {
+        "/short": (good[:10], len(good)),
+        "/html": (b"<html>blocked</html>", 20),
+        "/good": (good, len(good)),
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, length = bodies[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for path, why in (
+            ("/short", "incomplete download of vgg_normalised.pth: 10 of"),
+            ("/html", "not a PyTorch"),
+        ):
+            monkeypatch.setattr(adain, "ADAIN_URLS", {n: base + path for n in adain.ADAIN_FILES})
+            with pytest.raises(adain.DownloadError, match=why) as err:
+                adain.ensure_weights(ReferenceOptions(), tmp_path)
+            assert why in err.value.reason  # "auto" falls back to Magenta with this reason
+            target = adain.default_weights_dir(tmp_path)
+            assert not [p for p in target.iterdir()]  # nothing kept, no partial file
+        monkeypatch.setattr(adain, "ADAIN_URLS", {n: base + "/good" for n in adain.ADAIN_FILES})
+        files = adain.ensure_weights(ReferenceOptions(), tmp_path)
+        assert files["vgg_normalised.pth"].read_bytes() == good
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # --- AdaIN: the operation and the network ----------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tests.conftest import write_pair
 
@@ -425,10 +426,10 @@ def test_ray_executor_runs_a_smoke_study(tmp_path: Path, monkeypatch: pytest.Mon
         # A job asking for a GPU this cluster lacks would be queued forever: refused at once instead.
         path.write_text(path.read_text().replace('"adamw"]', '"adamw", { optimizer = "adam", lr = 0.05 }]'))
         with pytest.raises(
-            DeviceError, match=r"--gpus-per-job 1 asks for more than the Ray cluster has \(0 GPUs"
+            DeviceError, match=r"no node of the Ray cluster can take a job of 1 CPUs and 1 GPUs \(1 live node"
         ):
             run_study(load_study(path, smoke=True), RunOptions(executor="ray", gpus_per_job=1), quiet=True)
-        with pytest.raises(DeviceError, match="--cpus-per-job 64 asks for more"):
+        with pytest.raises(DeviceError, match="of 64 CPUs and 0 GPUs .* --wait-for-resources"):
             run_study(load_study(path, smoke=True), RunOptions(executor="ray", cpus_per_job=64), quiet=True)
     finally:
         ray.shutdown()  # only our own cluster
@@ -508,12 +509,29 @@ def test_unavailable_device_or_cluster_fails_before_any_job(
         run_study(study, RunOptions(executor="ray", address="10.0.0.1:6379"), quiet=True)
 
 
+def test_ray_resource_check_needs_one_node_with_all_of_a_jobs_request() -> None:
+    from nstlab.study.executors import _node_fits
+
+    two = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 8.0}}]
+    assert _node_fits(two, 8, 0) is None
+    # 16 CPUs in all, but Ray places a task on one node: 12 never fits.
+    assert _node_fits(two, 12, 0) == "2 live node(s), the largest with 8 CPUs, 0 GPUs"
+    split = [
+        {"Alive": True, "Resources": {"CPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 0.0, "GPU": 1.0}},
+    ]
+    assert _node_fits(split, 1, 1) is not None  # the CPU and the GPU are on different nodes
+    assert _node_fits(split, 0, 1) is None  # --cpus-per-job 0: a GPU-only job fits the second node
+    dead = [{"Alive": False, "Resources": {"CPU": 64.0}}, {"Alive": True, "Resources": {"CPU": 2.0}}]
+    assert _node_fits(dead, 4, 0) == "1 live node(s), the largest with 2 CPUs, 0 GPUs"
+
+
 @pytest.mark.parametrize(
     ("options", "error", "pattern"),
     [
         ({"workers": "2"}, ConfigError, "--workers must be an integer >= 1, got '2'"),
         ({"batch": 0}, ConfigError, "--batch must be an integer >= 1"),
-        ({"cpus_per_job": -1}, ConfigError, "--cpus-per-job must be a number > 0"),
+        ({"cpus_per_job": -1}, ConfigError, "--cpus-per-job must be a number >= 0"),
         ({"gpus_per_job": float("nan")}, ConfigError, "--gpus-per-job must be a number >= 0"),
         ({"device": "tpu"}, InputError, "unknown device 'tpu'"),
         ({"device": "cuda:x"}, InputError, "unknown device 'cuda:x'|CUDA is not available"),
@@ -658,3 +676,85 @@ def test_a_real_study_with_random_weights_says_so(tmp_path: Path, capsys: pytest
     assert (
         "RANDOM" not in capsys.readouterr().err
     )  # --smoke is random by definition; --quiet hides its header
+
+
+def test_a_moved_study_folder_is_the_same_study(tmp_path: Path) -> None:
+    # [reference] paths are remembered as written (relative to the study file), so moving the folder, or a
+    # cluster mounting it elsewhere, does not look like a changed reference.
+    first = tmp_path / "a"
+    first.mkdir()
+    write_pair(first)
+    (first / "weights").mkdir()
+    text = (
+        'name = "m"\npairs = [{ name = "p0", content = "content.png", style = "style.png" }]\n'
+        '[base]\ndevice = "cpu"\n[axes]\noptimizer = ["adam"]\n'
+        '[reference]\nmaker = "auto"\nadain_weights = "weights"\n[metrics]\nnames = ["rmse"]\n'
+    )
+    (first / "m.toml").write_text(text)
+    assert (
+        run_study(load_study(first / "m.toml", smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 1
+    )
+    moved = tmp_path / "b"
+    first.rename(moved)
+    study = load_study(moved / "m.toml", smoke=True)
+    assert study.reference["adain_weights"] == str(moved / "weights")  # used resolved, remembered as written
+    assert run_study(study, RunOptions(device="cpu"), quiet=True)["done"] == 1
+    # A store written before 2026-11-28 holds the absolute paths: still the same study.
+    store = Store(store_path(study))
+    with store.transaction() as db:
+        legacy = {"reference": dict(study.reference), "metrics": ["rmse"], "judge": "random"}
+        db.execute("UPDATE meta SET value=? WHERE key='scoring'", (json.dumps(legacy),))
+    store.close()
+    assert (
+        run_study(load_study(moved / "m.toml", smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 1
+    )
+    # Only a real change is refused.
+    (moved / "m.toml").write_text(text.replace('adain_weights = "weights"', 'adain_weights = "other"'))
+    with pytest.raises(ConfigError, match="the reference settings changed"):
+        run_study(load_study(moved / "m.toml", smoke=True), RunOptions(device="cpu"), quiet=True)
+
+
+def test_the_judge_counts_only_when_a_metric_uses_it_and_is_checked_up_front(tmp_path: Path) -> None:
+    from nstlab.errors import WeightsError
+
+    base = 'size = 32\niterations = 2\nweights = "random"'
+    path = write_study(tmp_path, 'optimizer = ["adam"]', pairs=1, base=base)
+    original = path.read_text()
+    path.write_text(original + '[metrics]\nnames = ["rmse"]\njudge_weights = "judge-a.pth"\n')
+    assert run_study(load_study(path), RunOptions(device="cpu"), quiet=True)["done"] == 1
+    # No metric runs the judge: another judge file changes no score, so the rerun is not refused.
+    path.write_text(original + '[metrics]\nnames = ["rmse"]\njudge_weights = "judge-b.pth"\n')
+    assert run_study(load_study(path), RunOptions(device="cpu"), quiet=True)["done"] == 1
+    # A content metric needs the judge: its missing weights file (relative to the study file) is one
+    # error before any job runs, not a "judge: ..." failure in every job.
+    other = write_study(tmp_path / "two", 'optimizer = ["adam"]', pairs=1, base=base)
+    other.write_text(other.read_text() + '[metrics]\nnames = ["rmse", "content"]\njudge_weights = "j.pth"\n')
+    study = load_study(other)
+    with pytest.raises(WeightsError, match=r"\[metrics\] judge .*" + str(tmp_path / "two" / "j.pth")):
+        run_study(study, RunOptions(device="cpu"), quiet=True)
+    store = Store(store_path(study))
+    assert {r["status"] for r in store.rows()} == {"pending"}
+    store.close()
+
+
+def test_the_weights_check_covers_only_the_jobs_left(tmp_path: Path) -> None:
+    from nstlab.features import get_spec
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(get_spec("resnet18").build().state_dict(), weights)  # official key names, random values
+    path = write_study(
+        tmp_path,
+        f'weights = ["{weights}", "random"]',
+        pairs=1,
+        base='size = 32\niterations = 2\noptimizer = "adam"',
+    )
+    path.write_text(path.read_text() + '[metrics]\nnames = ["rmse"]\n')
+    study = load_study(path)
+    counts = run_study(study, RunOptions(device="cpu", max_groups=1), quiet=True)
+    assert counts["done"] == 1 and counts["pending"] == 1
+    store = Store(store_path(study))
+    left = [r["config"]["weights"] for r in store.rows() if r["status"] == "pending"]
+    store.close()
+    assert left == ["random"]  # the file's job ran first
+    weights.unlink()  # e.g. resumed on a machine without that file: only the random-weights job is left
+    assert run_study(load_study(path), RunOptions(device="cpu"), quiet=True)["done"] == 2

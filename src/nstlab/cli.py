@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="device for every job (default: %(default)s)")
     run.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray CPU request per job")
     run.add_argument("--gpus-per-job", type=float, default=0.0, help="Ray GPU request per job")
+    run.add_argument(
+        "--wait-for-resources",
+        action="store_true",
+        help="Ray: queue jobs no node can take yet (an autoscaling cluster adds nodes) instead of refusing",
+    )
     run.add_argument("--retry-failed", action="store_true", help="run failed jobs again")
     run.add_argument(
         "--batch",
@@ -368,6 +373,7 @@ def run_study_command(args: argparse.Namespace) -> int:
             device=args.device,
             cpus_per_job=args.cpus_per_job,
             gpus_per_job=args.gpus_per_job,
+            wait_for_resources=args.wait_for_resources,
             retry_failed=args.retry_failed,
             batch=args.batch,
         )

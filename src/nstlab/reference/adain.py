@@ -301,11 +301,23 @@ def _download(url: str, dest: Path, name: str) -> None:
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:
+            length = resp.headers.get("Content-Length")
+            size = 0
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 digest.update(chunk)
                 f.write(chunk)
+                size += len(chunk)
             f.flush()
             os.fsync(f.fileno())
+        # A dropped connection ends read() early without an error, and no digest is published to catch it:
+        # check the length the server announced, and that the bytes are a checkpoint at all (not an HTML
+        # error page from a proxy). OSError: the caller reports it as a failed download.
+        if length is not None and length.isdigit() and size != int(length):
+            raise OSError(f"incomplete download of {name}: {size} of {int(length)} bytes")
+        try:
+            _load_state(tmp)
+        except WeightsError:
+            raise OSError(f"the download of {name} from {url} is not a PyTorch checkpoint") from None
         expected = (ADAIN_SHA256 or {}).get(name)
         if expected is not None and digest.hexdigest().lower() != expected.lower():
             raise WeightsError(

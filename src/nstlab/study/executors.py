@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nstlab.errors import ConfigError, DeviceError
+from nstlab.errors import ConfigError, DeviceError, InputError
 from nstlab.study.runner import GroupTask, compute_batch, make_task, persist, sync_store
 from nstlab.study.spec import Job, Study, load_study
 from nstlab.study.store import Store
@@ -35,6 +35,8 @@ class RunOptions:
     device: str = "auto"
     cpus_per_job: float = 1.0  # Ray resource request
     gpus_per_job: float = 0.0
+    # Ray: queue jobs that no node can take now (an autoscaling cluster adds one) instead of refusing them.
+    wait_for_resources: bool = False
     retry_failed: bool = False
     max_groups: int | None = None  # stop after this many groups (tests, partial runs)
     # Up to this many groups of one pair run as one batched stylisation (nstlab.batch): the same
@@ -217,30 +219,43 @@ def _run_pool(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar
         p.join()
 
 
-def _check_weights(jobs: Sequence[Job], device: str) -> None:
-    """Load (or download) each pretrained extractor the study uses once, now: a missing or broken weights
-    file is one error up front (exit 2) instead of the same failure recorded for every job. The local
-    runner then reuses the loaded extractor (nstlab.api caches it)."""
+def _check_weights(study: Study, jobs: Sequence[Job], device: str) -> None:
+    """Load (or download) each pretrained extractor the jobs left to run use, once, now, and the metrics'
+    judge if a metric needs it: a missing or broken weights file is one error up front (exit 2) instead of
+    the same failure recorded for every job. The local runner then reuses the loaded extractor (nstlab.api
+    caches it)."""
     from nstlab.api import get_extractor, resolve_device
+    from nstlab.study.runner import _judge_weights, needs_judge
 
     seen = set()
     for job in jobs:
         cfg = job.config
-        key = (cfg.extractor, cfg.weights, cfg.content_layers, cfg.style_layers)
-        if cfg.weights != "random" and key not in seen:
-            seen.add(key)
+        if cfg.weights != "random" and (cfg.extractor, cfg.weights) not in seen:
+            seen.add((cfg.extractor, cfg.weights))
             get_extractor(cfg, resolve_device(device))
+    if jobs and needs_judge(study) and _judge_weights(study) != "random":
+        from nstlab.metrics import make_judge
+
+        try:
+            make_judge(_judge_weights(study))
+        except InputError as exc:  # WeightsError, ImageError, ...: all take just the message
+            raise type(exc)(f"[metrics] judge (for the content/style metrics): {exc}") from None
 
 
-def _check_inputs(study: Study, store: Store, ids: Sequence[str], retry_failed: bool) -> None:
+def _jobs_left(store: Store, jobs: Sequence[Job], retry_failed: bool) -> list[Job]:
+    todo = {"pending", "running"} | ({"failed"} if retry_failed else set())
+    left = {row["id"] for row in store.rows([j.id for j in jobs]) if row["status"] in todo}
+    return [j for j in jobs if j.id in left]
+
+
+def _check_inputs(study: Study, jobs: Sequence[Job]) -> None:
     """Decode each input image of the pairs that still have jobs to run, once, now: a missing, truncated
     or unreadable file is one error up front (exit 2) naming the pair, instead of every job of that pair
     failing (possibly hours into a run, with Ray or a pool) and the rest of the study running on."""
-    from nstlab.errors import ImageError, InputError
+    from nstlab.errors import ImageError
     from nstlab.images import load_image
 
-    todo = {"pending", "running"} | ({"failed"} if retry_failed else set())
-    names = {row["pair"] for row in store.rows(ids) if row["status"] in todo}
+    names = {job.pair.name for job in jobs}
     for pair in study.pairs:
         if pair.name in names:
             for role, path in (("content", pair.content), ("style", pair.style)):
@@ -248,6 +263,17 @@ def _check_inputs(study: Study, store: Store, ids: Sequence[str], retry_failed: 
                     load_image(path)
                 except ImageError as exc:
                     raise InputError(f"{study.path.name}: pair {pair.name}: {role} {exc}") from None
+
+
+def _node_fits(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> str | None:
+    """None when some live node has ``cpus`` CPUs and ``gpus`` GPUs (Ray places a task on one node), else
+    what the largest nodes have, for the error message."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if any(float(r.get("CPU", 0)) >= cpus and float(r.get("GPU", 0)) >= gpus for r in alive):
+        return None
+    most_cpus = max((float(r.get("CPU", 0)) for r in alive), default=0.0)
+    most_gpus = max((float(r.get("GPU", 0)) for r in alive), default=0.0)
+    return f"{len(alive)} live node(s), the largest with {most_cpus:g} CPUs, {most_gpus:g} GPUs"
 
 
 def _remote_compute(tasks: list[GroupTask]) -> list[Any]:
@@ -279,23 +305,23 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
                 log_to_driver=False,
                 _node_ip_address="127.0.0.1",
             )
-    # Ray queues a task whose request no node can meet, forever and silently: check the cluster first.
-    resources = ray.cluster_resources()  # type: ignore[no-untyped-call]
-    for name, flag, need in (("CPU", "cpus", opts.cpus_per_job), ("GPU", "gpus", opts.gpus_per_job)):
-        have = float(resources.get(name, 0))
-        if need > have:
-            if started_here:
-                ray.shutdown()
-            raise DeviceError(
-                f"--{flag}-per-job {need:g} asks for more than the Ray cluster has ({have:g} {name}s in "
-                "all): no job could ever start; lower it, or use a cluster with such nodes"
-            )
+    # Ray queues a task whose request no node can meet, forever and silently: check the nodes first.
+    fits = _node_fits(ray.nodes(), opts.cpus_per_job, opts.gpus_per_job)  # type: ignore[no-untyped-call]
+    if fits is not None and not opts.wait_for_resources:
+        if started_here:
+            ray.shutdown()
+        raise DeviceError(
+            f"no node of the Ray cluster can take a job of {opts.cpus_per_job:g} CPUs and "
+            f"{opts.gpus_per_job:g} GPUs ({fits}): no job could ever start; lower --cpus-per-job/"
+            "--gpus-per-job, or pass --wait-for-resources if the cluster adds such nodes (autoscaling)"
+        )
     remote = ray.remote(num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job)(_remote_compute)
     device = opts.device if opts.device != "auto" else ("cuda" if opts.gpus_per_job > 0 else "cpu")
     by_id = {j.id: j for j in jobs}
     in_flight: dict[Any, tuple[str, list[str]]] = {}
     cpus = float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
-    capacity = max(1, int(cpus // max(opts.cpus_per_job, 1e-9)))
+    # With --cpus-per-job 0 only Ray's other limits (GPUs) bound the tasks in flight: keep a few per CPU.
+    capacity = max(1, int(cpus // opts.cpus_per_job)) if opts.cpus_per_job > 0 else max(1, int(cpus) * 4)
     groups, last_beat = 0, time.monotonic()
     try:
         while True:
@@ -346,7 +372,7 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"--{flag} must be an integer >= 1, got {value!r}")
     resource: tuple[tuple[str, object, bool], ...] = (
-        ("cpus-per-job", opts.cpus_per_job, False),
+        ("cpus-per-job", opts.cpus_per_job, True),  # Ray accepts 0 (e.g. GPU-bound jobs)
         ("gpus-per-job", opts.gpus_per_job, True),
     )
     for flag, amount, zero_ok in resource:
@@ -365,10 +391,10 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
     bar = Progress(len(ids), counts["done"] + (0 if opts.retry_failed else counts["failed"]), quiet)
     left = counts["pending"] + counts["running"] + (counts["failed"] if opts.retry_failed else 0)
     try:
-        if left:
-            _check_inputs(study, store, ids, opts.retry_failed)
-        if left and opts.executor != "ray":  # a Ray worker has its own weights cache
-            _check_weights(jobs, opts.device)
+        todo = _jobs_left(store, jobs, opts.retry_failed) if left else []
+        _check_inputs(study, todo)
+        if todo and opts.executor != "ray":  # a Ray worker has its own weights cache
+            _check_weights(study, todo, opts.device)
             if opts.executor == "pool" or opts.workers > 1:
                 from nstlab.api import _cached_extractor
 

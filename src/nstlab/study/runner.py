@@ -355,31 +355,64 @@ def store_path(study: Study) -> Path:
     return study.folder / "study.sqlite"
 
 
-def _judge_weights(study: Study) -> str:
+JUDGE_METRICS = ("content", "style")  # the metrics that run the VGG-19 judge
+
+
+def _judge_written(study: Study) -> str:
     return "random" if study.smoke else str(study.raw.get("metrics", {}).get("judge_weights", "torchvision"))
 
 
-def scoring(study: Study) -> dict[str, Any]:
+def _judge_weights(study: Study) -> str:
+    """The judge's weights: torchvision, random, or a file path relative to the study file (as pairs are)."""
+    written = _judge_written(study)
+    if written in ("torchvision", "random"):
+        return written
+    return str((study.path.parent / Path(written).expanduser()).resolve())
+
+
+def needs_judge(study: Study) -> bool:
+    return bool(set(JUDGE_METRICS) & set(study.metrics))
+
+
+def scoring(study: Study, *, resolved: bool = False) -> dict[str, Any]:
     """What a job's scores depend on besides its output: the reference settings and the metrics. They are
-    not part of a job's id (the stylisation does not depend on them), so the store remembers them."""
-    return {
-        "reference": dict(study.reference),
-        "metrics": list(study.metrics),
-        "judge": _judge_weights(study),
-    }
+    not part of a job's id (the stylisation does not depend on them), so the store remembers them.
+
+    Paths are kept as the study file writes them (relative to it, usually), so a study folder that moves or
+    is mounted elsewhere is still the same study; ``resolved=True`` gives the absolute form that stores
+    written before 2026-11-28 hold. The judge counts only when a metric uses it."""
+    reference = dict(study.reference)
+    written = study.raw.get("reference", {})
+    if not resolved and isinstance(written, dict):
+        for key in ("adain_weights", "reference_dir"):
+            if key in reference and isinstance(written.get(key), str):
+                reference[key] = written[key]
+    out: dict[str, Any] = {"reference": reference, "metrics": list(study.metrics)}
+    if needs_judge(study):
+        out["judge"] = _judge_written(study)
+    return out
+
+
+def _same_scoring(before: dict[str, Any], study: Study) -> bool:
+    if not needs_judge(study):
+        before = {k: v for k, v in before.items() if k != "judge"}  # stores before 2026-11-28 always had it
+    return any(before == json.loads(json.dumps(scoring(study, resolved=r))) for r in (False, True))
 
 
 def _check_scoring(study: Study, store: Store) -> None:
     """Refuse to add results scored one way to results scored another: an edited [reference] or [metrics]
     table would otherwise leave every finished job's scores as they were, silently."""
     before = store.meta().get("scoring")
-    now = json.loads(json.dumps(scoring(study)))  # as stored: JSON types
-    if before is None or before == now:
+    if before is None or _same_scoring(before, study):
         return
+    now = json.loads(json.dumps(scoring(study)))  # as stored: JSON types
     done = sum(r["status"] == "done" for r in store.rows())  # failed jobs hold no scores to protect
     if not done:
         return
-    changed = [k for k in ("reference", "metrics", "judge") if before.get(k) != now.get(k)]
+    legacy = json.loads(json.dumps(scoring(study, resolved=True)))
+    changed = [
+        k for k in ("reference", "metrics", "judge") if k in now and before.get(k) not in (now[k], legacy[k])
+    ]
     was = "; ".join(f"{k} was {json.dumps(before.get(k), sort_keys=True)}" for k in changed)
     raise ConfigError(
         f"{study.path}: the {' and '.join(changed)} settings changed since {done} job(s) were scored "
