@@ -111,6 +111,16 @@ def test_validation_errors_name_the_field(tmp_path: Path, axes: str, pattern: st
             ConfigError,
             "pair_names must be a list of strings",
         ),
+        (
+            ('name = "s"', 'name = "s"\npair_names = ["p0", "p1", "p0"]'),
+            ConfigError,
+            "lists p0 more than once",
+        ),
+        (
+            ("[axes]\n", "[reference]\nadain_weights = 3\n[axes]\n"),
+            ConfigError,
+            "must be a directory path, got 3",
+        ),
         (('name = "s"', "name = 5"), ConfigError, "name must be a string"),
         (('name = "p0"', 'name = "../../evil"'), ConfigError, "pair name '../../evil' cannot be a file name"),
         (('name = "p1"', 'name = "a/b"'), ConfigError, "pair name 'a/b' cannot be a file name"),
@@ -145,9 +155,24 @@ def test_pairs_csv_with_bom_short_rows_and_other_separators(tmp_path: Path) -> N
     csv_path.write_text(f"pair,content,style\np1,{c.name}\n")
     with pytest.raises(ConfigError, match="line 2: needs a pair, content and style value"):
         load_study(study)
+    # Blank lines count: the message names the line a spreadsheet or editor shows.
+    csv_path.write_text(f"pair,content,style\n\np1,{c.name},{s.name}\n\np2,{c.name}\n")
+    with pytest.raises(ConfigError, match="line 5: needs a pair"):
+        load_study(study)
     csv_path.write_text(f"pair,content,style\np1,{tmp_path.name and '.'},{s.name}\n")
     with pytest.raises(InputError, match="is a directory, not an image file"):
         load_study(study)
+
+
+def test_smoke_with_a_non_integer_iteration_count_is_a_config_error(tmp_path: Path) -> None:
+    for edit in (
+        ("[axes]\n", '[axes]\niterations = ["x"]\n'),
+        ('device = "cpu"', 'device = "cpu"\niterations = "x"'),
+    ):
+        path = write_study(tmp_path, 'optimizer = ["adam"]')
+        path.write_text(path.read_text().replace(*edit, 1))
+        with pytest.raises(ConfigError, match="iterations"):
+            load_study(path, smoke=True)
 
 
 def test_reference_dir_is_relative_to_the_study_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,6 +181,10 @@ def test_reference_dir_is_relative_to_the_study_file(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)  # not the study's folder
     with pytest.raises(InputError, match=f"reference_dir {tmp_path / 'here' / 'refs'} is not a folder"):
         load_study(path)
+    # Only the folder maker reads it: with another maker a missing folder is not an error.
+    path.write_text(path.read_text().replace('maker = "folder"', 'maker = "magenta"'))
+    assert load_study(path).reference["reference_dir"] == str(tmp_path / "here" / "refs")
+    path.write_text(path.read_text().replace('maker = "magenta"', 'maker = "folder"'))
     (tmp_path / "here" / "refs").mkdir()
     assert load_study(path).reference["reference_dir"] == str(tmp_path / "here" / "refs")
 
@@ -395,10 +424,10 @@ def test_pool_executor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     # Not a terminal: one line per finished job, naming it, as the single-process runner prints.
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert sorted(line.split("] ", 1)[1] for line in lines) == [
-        "done: p0 / adam",
-        "done: p0 / lbfgs",
-        "done: p1 / adam",
-        "done: p1 / lbfgs",
+        "done: p0 · adam",
+        "done: p0 · lbfgs",
+        "done: p1 · adam",
+        "done: p1 · lbfgs",
     ]
     assert sorted(line.split("]")[0] for line in lines) == ["[1/4", "[2/4", "[3/4", "[4/4"]
     store = Store(store_path(study))

@@ -362,8 +362,9 @@ def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], Weight
         raise WeightsError(
             f"{spec.display} ImageNet weights are not cached at {cached}, and {OFFLINE_VAR} is set, so no "
             f"download was tried. Ways out: (1) unset {OFFLINE_VAR} on a machine with internet; (2) copy "
-            f"{cached.name} into {cached.parent} or pass --weights FILE; (3) pass --weights random for "
-            "tests and smoke runs (not real style transfer)."
+            f"{cached.name} into {cached.parent} or point to a weights file (--weights FILE; "
+            'weights = "FILE" in a study\'s [base]); (3) random weights, for tests and smoke runs only '
+            "(--weights random; study run --smoke)."
         )
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a closed network must fail, not hang
@@ -381,8 +382,9 @@ def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], Weight
         raise WeightsError(
             f"{spec.display} ImageNet weights are not cached at {cached} and could not be downloaded "
             f"from {url} ({reason}). Ways out: (1) connect to the internet once so torchvision can "
-            f"download them; (2) copy {cached.name} into {cached.parent} or pass --weights FILE; "
-            f"(3) pass --weights random for tests and smoke runs (not real style transfer)."
+            f"download them; (2) copy {cached.name} into {cached.parent} or point to a weights file "
+            '(--weights FILE; weights = "FILE" in a study\'s [base]); (3) random weights, for tests and '
+            "smoke runs only (--weights random; study run --smoke)."
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)

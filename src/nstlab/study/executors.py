@@ -94,6 +94,11 @@ class Progress:
         self.overall.close()
 
 
+def _label(job: Job, error: str | None = None) -> str:
+    """How a progress line names a finished job (every executor alike), with the reason when it failed."""
+    return f"{job.pair.name} · {job.setting.label}" + (f" ({error})" if error else "")
+
+
 def _runnable(jobs: list[Job]) -> list[str]:
     return [j.id for j in jobs]
 
@@ -159,11 +164,7 @@ def _run_local(study: Study, store: Store, jobs: list[Job], opts: RunOptions, ba
             persist(study, store, outcome, tasks[0].pair)
             if bar is not None:
                 job = by_id[outcome.job_id]
-                bar.job_done(
-                    f"{job.pair.name} · {job.setting.label}"
-                    + (f" ({outcome.error})" if outcome.error else ""),
-                    outcome.status,
-                )
+                bar.job_done(_label(job, outcome.error), outcome.status)
         groups += len(tasks)
     return groups
 
@@ -192,11 +193,11 @@ def _run_pool(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar
     for p in procs:
         p.start()
     ids = _runnable(jobs)
-    labels = {j.id: f"{j.pair.name} / {j.setting.label}" for j in jobs}
+    by_id = {j.id: j for j in jobs}
 
-    def finished() -> dict[str, tuple[float, str]]:
+    def finished() -> dict[str, tuple[float, str, str | None]]:
         return {
-            r["id"]: (r["finished"], r["status"])
+            r["id"]: (r["finished"], r["status"], r["error"])
             for r in store.rows(ids)
             if r["status"] in ("done", "failed")
         }
@@ -207,9 +208,9 @@ def _run_pool(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar
             time.sleep(0.5)
             now = finished()
             # A job is reported once it finishes (again, with --retry-failed): its label and how it ended.
-            for job_id, (when, status) in now.items():
-                if bar is not None and seen.get(job_id, (None, ""))[0] != when:
-                    bar.job_done(labels[job_id], status)
+            for job_id, (when, status, error) in now.items():
+                if bar is not None and seen.get(job_id, (None, "", None))[0] != when:
+                    bar.job_done(_label(by_id[job_id], error), status)
             seen = now
     except KeyboardInterrupt:
         for p in procs:
@@ -239,7 +240,10 @@ def _check_weights(study: Study, jobs: Sequence[Job], device: str) -> None:
         try:
             make_judge(_judge_weights(study))
         except InputError as exc:  # WeightsError, ImageError, ...: all take just the message
-            raise type(exc)(f"[metrics] judge (for the content/style metrics): {exc}") from None
+            raise type(exc)(
+                f'[metrics] judge (for the content/style metrics; [metrics] judge_weights = "FILE" points '
+                f"to a VGG-19 weights file): {exc}"
+            ) from None
 
 
 def _jobs_left(store: Store, jobs: Sequence[Job], retry_failed: bool) -> list[Job]:
@@ -349,7 +353,7 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
                     persist(study, store, outcome, pair)
                     if bar is not None:
                         job = by_id[outcome.job_id]
-                        bar.job_done(f"{job.pair.name} · {job.setting.label}", outcome.status)
+                        bar.job_done(_label(job, outcome.error), outcome.status)
             if time.monotonic() - last_beat > HEARTBEAT_S and in_flight:
                 last_beat = time.monotonic()
                 store.heartbeat([i for _, ids in in_flight.values() for i in ids])

@@ -225,7 +225,10 @@ def read_pairs(source: Any, base_dir: Path, where: str) -> list[Pair]:
         try:
             with open(csv_path, newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh)
-                rows = list(reader)
+                rows, lines = [], []
+                for r in reader:  # DictReader skips blank lines: keep each row's own line number
+                    rows.append(r)
+                    lines.append(reader.line_num)
                 header = reader.fieldnames or []
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ConfigError(f"{csv_path}: not a readable UTF-8 CSV file ({exc})") from None
@@ -235,7 +238,7 @@ def read_pairs(source: Any, base_dir: Path, where: str) -> list[Pair]:
                 f"{csv_path} must have the comma-separated columns pair,content,style; its header is "
                 f"{','.join(header) or '(empty)'}"
             )
-        for number, r in enumerate(rows, start=2):
+        for number, r in zip(lines, rows, strict=True):
             if any(r.get(k) in (None, "") for k in ("pair", "content", "style")):
                 raise ConfigError(f"{csv_path} line {number}: needs a pair, content and style value")
         rows = [{"name": r["pair"], "content": r["content"], "style": r["style"]} for r in rows]
@@ -302,7 +305,9 @@ SMOKE_BASE = {"size": 64, "weights": "random"}
 SMOKE_ITERATION_SCALE = 200  # 1000/1500/2000 -> 5/8/10 evaluations (round half to even: 7.5 -> 8)
 
 
-def _smoke_iterations(n: int) -> int:
+def _smoke_iterations(n: Any) -> Any:
+    if isinstance(n, bool) or not isinstance(n, int):
+        return n  # not a count: left for the config's own check to name (e.g. iterations = "x")
     return max(2, round(n / SMOKE_ITERATION_SCALE))
 
 
@@ -312,8 +317,8 @@ def reference_options(reference: Mapping[str, Any]) -> ReferenceOptions:
 
     options = {k: v for k, v in reference.items() if k != "maker"}
     for key in ("adain_weights", "reference_dir"):
-        if options.get(key):
-            options[key] = Path(str(options[key]))
+        if isinstance(options.get(key), str):  # other types: ReferenceOptions says what it wants
+            options[key] = Path(options[key]) if options[key] else None
     return ReferenceOptions(**options)
 
 
@@ -361,6 +366,9 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
                 f"{where}: pair_names is empty; list at least one pair, or leave it out for all"
             )
         known = {p.name: p for p in pairs}
+        repeated = sorted({n for n in wanted if wanted.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"{where}: pair_names lists {', '.join(repeated)} more than once")
         for n in wanted:
             if n not in known:
                 raise choice_error(f"pair in {where} pair_names", n, list(known))
@@ -379,9 +387,9 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         for combo in itertools.product(*per_axis)
     ]
     if smoke:
-        base = {**base, **SMOKE_BASE, "iterations": _smoke_iterations(int(base.get("iterations", 1000)))}
+        base = {**base, **SMOKE_BASE, "iterations": _smoke_iterations(base.get("iterations", 1000))}
         settings = [
-            Setting(s.label, {**s.values, "iterations": _smoke_iterations(int(s.values["iterations"]))})
+            Setting(s.label, {**s.values, "iterations": _smoke_iterations(s.values["iterations"])})
             if "iterations" in s.values
             else s
             for s in settings
@@ -395,7 +403,8 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         if isinstance(reference.get(key), str) and reference[key]:
             reference[key] = str((path.parent / Path(reference[key]).expanduser()).resolve())
     _check_reference(reference, where)
-    if reference.get("reference_dir") and not Path(str(reference["reference_dir"])).is_dir():
+    folder_maker = str(reference.get("maker", "auto")).strip().lower() == "folder"
+    if folder_maker and not Path(str(reference["reference_dir"])).is_dir():  # other makers do not read it
         raise InputError(f"{where} [reference]: reference_dir {reference['reference_dir']} is not a folder")
     if smoke:
         reference["maker"] = (
