@@ -168,6 +168,8 @@ def test_smoke_with_a_non_integer_iteration_count_is_a_config_error(tmp_path: Pa
     for edit in (
         ("[axes]\n", '[axes]\niterations = ["x"]\n'),
         ('device = "cpu"', 'device = "cpu"\niterations = "x"'),
+        ('device = "cpu"', 'device = "cpu"\niterations = 0'),
+        ("[axes]\n", "[axes]\niterations = [1000, -5]\n"),
     ):
         path = write_study(tmp_path, 'optimizer = ["adam"]')
         path.write_text(path.read_text().replace(*edit, 1))
@@ -538,6 +540,32 @@ def test_unavailable_device_or_cluster_fails_before_any_job(
         run_study(study, RunOptions(executor="ray", address="10.0.0.1:6379"), quiet=True)
 
 
+def test_ray_capacity_follows_the_scarcer_resource() -> None:
+    from nstlab.study.executors import _capacity
+
+    assert _capacity({"CPU": 16.0, "GPU": 2.0}, 4, 0) == 4
+    assert _capacity({"CPU": 16.0, "GPU": 2.0}, 4, 1) == 2  # the GPUs bound it
+    assert _capacity({"CPU": 0.0, "GPU": 8.0}, 0, 1) == 8  # GPU-only jobs on GPU nodes without CPUs
+    assert _capacity({"GPU": 8.0}, 1, 0) == 0  # nothing fits now (an autoscaler may add nodes)
+
+
+def test_wait_for_resources_is_refused_for_the_private_local_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local Ray started by this run never gains nodes: waiting would be forever.
+    ray = pytest.importorskip("ray")
+    shut: list[bool] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
+    study = load_study(write_study(tmp_path, 'optimizer = ["adam"]', pairs=1), smoke=True)
+    opts = RunOptions(executor="ray", gpus_per_job=1, wait_for_resources=True)
+    with pytest.raises(DeviceError, match=r"can take a job of 1 CPUs and 1 GPUs .*--gpus-per-job$"):
+        run_study(study, opts, quiet=True)
+    assert shut == [True]
+
+
 def test_ray_resource_check_needs_one_node_with_all_of_a_jobs_request() -> None:
     from nstlab.study.executors import _node_fits
 
@@ -562,6 +590,7 @@ def test_ray_resource_check_needs_one_node_with_all_of_a_jobs_request() -> None:
         ({"batch": 0}, ConfigError, "--batch must be an integer >= 1"),
         ({"cpus_per_job": -1}, ConfigError, "--cpus-per-job must be a number >= 0"),
         ({"gpus_per_job": float("nan")}, ConfigError, "--gpus-per-job must be a number >= 0"),
+        ({"cpus_per_job": 0, "executor": "ray"}, ConfigError, "cannot both be 0"),
         ({"device": "tpu"}, InputError, "unknown device 'tpu'"),
         ({"device": "cuda:x"}, InputError, "unknown device 'cuda:x'|CUDA is not available"),
     ],
@@ -609,9 +638,10 @@ def test_changed_reference_or_metrics_are_refused_once_jobs_are_scored(
 
 
 def test_unreadable_input_images_stop_the_run_before_any_job(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from nstlab.cli import main
+    from nstlab.errors import ImageError
 
     path = write_study(tmp_path, 'optimizer = ["adam", "adamw"]', pairs=2)
     good = tmp_path / "in1" / "style.png"
@@ -628,9 +658,22 @@ def test_unreadable_input_images_stop_the_run_before_any_job(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "pair p1: style" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    # Only pairs with jobs to run are read: left out of the study with pair_names, p1 does not block p0.
+    # Only pairs with jobs to run are read. Failed jobs are not run again without --retry-failed: p1's
+    # jobs failed (as if its image went bad during a run), so the rerun does not read p1 ...
+    from nstlab.study import executors
+
+    with monkeypatch.context() as m:
+        m.setattr(executors, "_check_inputs", lambda *args: None)
+        counts = run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)
+    assert (counts["done"], counts["failed"]) == (2, 2)
+    assert run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True) == counts
+    # ... but --retry-failed would run them, so it is refused.
+    with pytest.raises(ImageError, match="pair p1: style"):
+        run_study(load_study(path, smoke=True), RunOptions(device="cpu", retry_failed=True), quiet=True)
+    # Left out of the study with pair_names, p1 does not block a new p0 job either.
     path.write_text(path.read_text().replace("pairs = [", 'pair_names = ["p0"]\npairs = [', 1))
-    assert run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 2
+    path.write_text(path.read_text().replace('"adamw"]', '"adamw", "lbfgs"]'))
+    assert run_study(load_study(path, smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 3
 
 
 def test_failures_and_reference_records_name_the_study_files_and_scores_match_evaluate(
@@ -713,37 +756,51 @@ def test_a_moved_study_folder_is_the_same_study(tmp_path: Path) -> None:
     first = tmp_path / "a"
     first.mkdir()
     write_pair(first)
-    (first / "weights").mkdir()
     text = (
         'name = "m"\npairs = [{ name = "p0", content = "content.png", style = "style.png" }]\n'
-        '[base]\ndevice = "cpu"\n[axes]\noptimizer = ["adam"]\n'
+        '[base]\ndevice = "cpu"\nsize = 32\niterations = 2\nweights = "random"\n'
+        '[axes]\noptimizer = ["adam"]\n'
         '[reference]\nmaker = "auto"\nadain_weights = "weights"\n[metrics]\nnames = ["rmse"]\n'
     )
     (first / "m.toml").write_text(text)
-    assert (
-        run_study(load_study(first / "m.toml", smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 1
-    )
-    moved = tmp_path / "b"
-    first.rename(moved)
-    study = load_study(moved / "m.toml", smoke=True)
-    assert study.reference["adain_weights"] == str(moved / "weights")  # used resolved, remembered as written
-    assert run_study(study, RunOptions(device="cpu"), quiet=True)["done"] == 1
-    # A store written before 2026-11-28 holds the absolute paths: still the same study.
+
+    def run(folder: Path) -> int:
+        return run_study(load_study(folder / "m.toml"), RunOptions(device="cpu"), quiet=True)["done"]
+
+    assert run(first) == 1  # offline: auto falls back to Magenta, recorded
+    # A store written before 2026-11-28 holds absolute paths of the folder it was in; then the folder moves.
+    study = load_study(first / "m.toml")
     store = Store(store_path(study))
     with store.transaction() as db:
-        legacy = {"reference": dict(study.reference), "metrics": ["rmse"], "judge": "random"}
+        legacy = {"reference": dict(study.reference), "metrics": ["rmse"], "judge": "torchvision"}
+        assert legacy["reference"]["adain_weights"] == str(first / "weights")
         db.execute("UPDATE meta SET value=? WHERE key='scoring'", (json.dumps(legacy),))
     store.close()
-    assert (
-        run_study(load_study(moved / "m.toml", smoke=True), RunOptions(device="cpu"), quiet=True)["done"] == 1
-    )
-    # Only a real change is refused.
-    (moved / "m.toml").write_text(text.replace('adain_weights = "weights"', 'adain_weights = "other"'))
+    moved = tmp_path / "b"
+    first.rename(moved)
+    assert load_study(moved / "m.toml").reference["adain_weights"] == str(moved / "weights")  # used resolved
+    assert run(moved) == 1
+    assert run(moved) == 1  # now stored as written
+    (moved / "m.toml").write_text(text.replace('maker = "auto"', 'maker = "magenta"'))
     with pytest.raises(ConfigError, match="the reference settings changed"):
-        run_study(load_study(moved / "m.toml", smoke=True), RunOptions(device="cpu"), quiet=True)
+        run(moved)  # the maker itself changed
+    (moved / "m.toml").write_text(text.replace('adain_weights = "weights"', 'adain_weights = "other"'))
+    with pytest.raises(ConfigError, match=r"the reference settings changed .*\"adain_weights\": \"weights\""):
+        run(moved)  # auto reads adain_weights: a real change
+    # A path the maker does not read does not count: adain_weights with maker = "magenta".
+    third = tmp_path / "c"
+    third.mkdir()
+    write_pair(third)
+    magenta = text.replace('maker = "auto"', 'maker = "magenta"')
+    (third / "m.toml").write_text(magenta)
+    assert run(third) == 1
+    (third / "m.toml").write_text(magenta.replace('adain_weights = "weights"', 'adain_weights = "other"'))
+    assert run(third) == 1
 
 
-def test_the_judge_counts_only_when_a_metric_uses_it_and_is_checked_up_front(tmp_path: Path) -> None:
+def test_the_judge_counts_only_when_a_metric_uses_it_and_is_checked_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nstlab.errors import WeightsError
 
     base = 'size = 32\niterations = 2\nweights = "random"'
@@ -764,6 +821,14 @@ def test_the_judge_counts_only_when_a_metric_uses_it_and_is_checked_up_front(tmp
     store = Store(store_path(study))
     assert {r["status"] for r in store.rows()} == {"pending"}
     store.close()
+    # torchvision's judge weights, not cached and offline: the way out named is judge_weights, not [base].
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    other.write_text(other.read_text().replace('judge_weights = "j.pth"', 'judge_weights = "torchvision"'))
+    with pytest.raises(WeightsError) as info:
+        run_study(load_study(other), RunOptions(device="cpu"), quiet=True)
+    message = str(info.value)
+    assert "VGG-19 ImageNet weights are not cached" in message and "Set [metrics] judge_weights" in message
+    assert "[base]" not in message and "--weights" not in message
 
 
 def test_the_weights_check_covers_only_the_jobs_left(tmp_path: Path) -> None:
@@ -787,3 +852,30 @@ def test_the_weights_check_covers_only_the_jobs_left(tmp_path: Path) -> None:
     assert left == ["random"]  # the file's job ran first
     weights.unlink()  # e.g. resumed on a machine without that file: only the random-weights job is left
     assert run_study(load_study(path), RunOptions(device="cpu"), quiet=True)["done"] == 2
+
+
+def test_jobs_a_live_runner_holds_are_not_left_for_this_one(tmp_path: Path) -> None:
+    # The up-front checks cover the jobs this runner could take: not those another live runner is running
+    # (a second runner on another host is not refused over files it would never read).
+    import socket
+
+    from nstlab.study.executors import _jobs_left
+    from nstlab.study.runner import sync_store
+
+    study = load_study(write_study(tmp_path, 'optimizer = ["adam", "adamw", "lbfgs"]', pairs=1), smoke=True)
+    store, jobs = sync_store(study)
+    live, dead, failed = (j.id for j in jobs)
+    host, now = socket.gethostname(), time.time()
+    with store.transaction() as db:
+        db.execute(
+            "UPDATE jobs SET status='running', worker=?, heartbeat=? WHERE id=?",
+            (f"{host}:{os.getppid()}", now, live),
+        )
+        db.execute(
+            "UPDATE jobs SET status='running', worker=?, heartbeat=? WHERE id=?",
+            (f"{host}:999999999", now, dead),
+        )
+        db.execute("UPDATE jobs SET status='failed' WHERE id=?", (failed,))
+    assert [j.id for j in _jobs_left(store, jobs, retry_failed=False)] == [dead]
+    assert [j.id for j in _jobs_left(store, jobs, retry_failed=True)] == [dead, failed]
+    store.close()

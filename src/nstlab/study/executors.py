@@ -240,15 +240,18 @@ def _check_weights(study: Study, jobs: Sequence[Job], device: str) -> None:
         try:
             make_judge(_judge_weights(study))
         except InputError as exc:  # WeightsError, ImageError, ...: all take just the message
+            # The extractor's "ways out" name --weights and [base]; for the judge it is judge_weights.
+            what = str(exc).split(" Ways out:")[0].rstrip(".")
             raise type(exc)(
-                f'[metrics] judge (for the content/style metrics; [metrics] judge_weights = "FILE" points '
-                f"to a VGG-19 weights file): {exc}"
+                f"[metrics] judge (for the content/style metrics): {what}. Set [metrics] judge_weights to a "
+                'VGG-19 weights file, or to "random" for tests only, or leave out the content and style '
+                "metrics"
             ) from None
 
 
 def _jobs_left(store: Store, jobs: Sequence[Job], retry_failed: bool) -> list[Job]:
-    todo = {"pending", "running"} | ({"failed"} if retry_failed else set())
-    left = {row["id"] for row in store.rows([j.id for j in jobs]) if row["status"] in todo}
+    """The jobs this run could take: not those done, failed (unless retried) or held by a live runner."""
+    left = set(store.claimable([j.id for j in jobs], retry_failed=retry_failed))
     return [j for j in jobs if j.id in left]
 
 
@@ -266,7 +269,7 @@ def _check_inputs(study: Study, jobs: Sequence[Job]) -> None:
                 try:
                     load_image(path)
                 except ImageError as exc:
-                    raise InputError(f"{study.path.name}: pair {pair.name}: {role} {exc}") from None
+                    raise ImageError(f"{study.path.name}: pair {pair.name}: {role} {exc}") from None
 
 
 def _node_fits(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> str | None:
@@ -278,6 +281,15 @@ def _node_fits(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> str
     most_cpus = max((float(r.get("CPU", 0)) for r in alive), default=0.0)
     most_gpus = max((float(r.get("GPU", 0)) for r in alive), default=0.0)
     return f"{len(alive)} live node(s), the largest with {most_cpus:g} CPUs, {most_gpus:g} GPUs"
+
+
+def _capacity(resources: dict[str, Any], cpus: float, gpus: float) -> int:
+    """How many jobs of ``cpus`` CPUs and ``gpus`` GPUs the cluster's resources hold at once (by the
+    scarcer of the two; a request of 0 does not limit)."""
+    limits = [
+        int(float(resources.get(name, 0)) // need) for name, need in (("CPU", cpus), ("GPU", gpus)) if need
+    ]
+    return min(limits) if limits else 0
 
 
 def _remote_compute(tasks: list[GroupTask]) -> list[Any]:
@@ -311,25 +323,40 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
             )
     # Ray queues a task whose request no node can meet, forever and silently: check the nodes first.
     fits = _node_fits(ray.nodes(), opts.cpus_per_job, opts.gpus_per_job)  # type: ignore[no-untyped-call]
-    if fits is not None and not opts.wait_for_resources:
+    own_local = started_here and not opts.address  # the private local Ray never gains nodes
+    if fits is not None and (own_local or not opts.wait_for_resources):
         if started_here:
             ray.shutdown()
+        way_out = (
+            "" if own_local else ", or pass --wait-for-resources if the cluster adds such nodes (autoscaling)"
+        )
         raise DeviceError(
             f"no node of the Ray cluster can take a job of {opts.cpus_per_job:g} CPUs and "
             f"{opts.gpus_per_job:g} GPUs ({fits}): no job could ever start; lower --cpus-per-job/"
-            "--gpus-per-job, or pass --wait-for-resources if the cluster adds such nodes (autoscaling)"
+            f"--gpus-per-job{way_out}"
+        )
+    if fits is not None:
+        print(
+            f"nstlab: waiting for the Ray cluster to add a node with {opts.cpus_per_job:g} CPUs and "
+            f"{opts.gpus_per_job:g} GPUs ({fits}); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
         )
     remote = ray.remote(num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job)(_remote_compute)
     device = opts.device if opts.device != "auto" else ("cuda" if opts.gpus_per_job > 0 else "cpu")
     by_id = {j.id: j for j in jobs}
     in_flight: dict[Any, tuple[str, list[str]]] = {}
-    cpus = float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
-    # With --cpus-per-job 0 only Ray's other limits (GPUs) bound the tasks in flight: keep a few per CPU.
-    capacity = max(1, int(cpus // opts.cpus_per_job)) if opts.cpus_per_job > 0 else max(1, int(cpus) * 4)
+
+    def capacity() -> int:
+        # Re-read every time: a cluster grows and shrinks. With --wait-for-resources twice what fits now
+        # (at least 2), so that an autoscaler sees the demand for more nodes.
+        fit = _capacity(ray.cluster_resources(), opts.cpus_per_job, opts.gpus_per_job)  # type: ignore[no-untyped-call]
+        return max(2, 2 * fit) if opts.wait_for_resources else max(1, fit)
+
     groups, last_beat = 0, time.monotonic()
     try:
         while True:
-            while len(in_flight) < capacity and (opts.max_groups is None or groups < opts.max_groups):
+            while len(in_flight) < capacity() and (opts.max_groups is None or groups < opts.max_groups):
                 claims = _claim(store, jobs, opts, groups)
                 if not claims:
                     break
@@ -383,6 +410,11 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
         number = isinstance(amount, int | float) and not isinstance(amount, bool) and math.isfinite(amount)
         if not number or not isinstance(amount, int | float) or amount < 0 or (amount == 0 and not zero_ok):
             raise ConfigError(f"--{flag} must be a number {'>=' if zero_ok else '>'} 0, got {amount!r}")
+    if opts.cpus_per_job == 0 and opts.gpus_per_job == 0:
+        raise ConfigError(
+            "--cpus-per-job and --gpus-per-job cannot both be 0: nothing would limit how many jobs run at "
+            "once"
+        )
     if not isinstance(opts.device, str):
         raise ConfigError(f"--device must be a string such as cpu or cuda, got {opts.device!r}")
     if opts.executor != "ray":  # a Ray cluster's devices are its workers', not this machine's

@@ -374,46 +374,68 @@ def needs_judge(study: Study) -> bool:
     return bool(set(JUDGE_METRICS) & set(study.metrics))
 
 
-def scoring(study: Study, *, resolved: bool = False) -> dict[str, Any]:
-    """What a job's scores depend on besides its output: the reference settings and the metrics. They are
-    not part of a job's id (the stylisation does not depend on them), so the store remembers them.
+def scoring(study: Study) -> dict[str, Any]:
+    """What a job's scores depend on besides its output: the reference settings, the metrics and the judge.
+    They are not part of a job's id (the stylisation does not depend on them), so the store remembers them.
 
     Paths are kept as the study file writes them (relative to it, usually), so a study folder that moves or
-    is mounted elsewhere is still the same study; ``resolved=True`` gives the absolute form that stores
-    written before 2026-11-28 hold. The judge counts only when a metric uses it."""
+    is mounted elsewhere is still the same study (see :func:`_scoring_view` for what is compared)."""
     reference = dict(study.reference)
     written = study.raw.get("reference", {})
-    if not resolved and isinstance(written, dict):
+    if isinstance(written, dict):
         for key in ("adain_weights", "reference_dir"):
             if key in reference and isinstance(written.get(key), str):
                 reference[key] = written[key]
-    out: dict[str, Any] = {"reference": reference, "metrics": list(study.metrics)}
-    if needs_judge(study):
-        out["judge"] = _judge_written(study)
-    return out
+    return {"reference": reference, "metrics": list(study.metrics), "judge": _judge_written(study)}
 
 
-def _same_scoring(before: dict[str, Any], study: Study) -> bool:
-    if not needs_judge(study):
-        before = {k: v for k, v in before.items() if k != "judge"}  # stores before 2026-11-28 always had it
-    return any(before == json.loads(json.dumps(scoring(study, resolved=r))) for r in (False, True))
+# [reference] paths matter only to the makers that read them.
+_PATH_USERS = {"adain_weights": ("auto", "adain"), "reference_dir": ("folder",)}
+
+
+def _scoring_view(recorded: dict[str, Any], resolve_from: Path | None = None) -> dict[str, Any]:
+    """The part of a scoring record the scores depend on: a [reference] path only for a maker that reads it,
+    the judge only when a metric runs it. ``resolve_from`` makes relative paths absolute against that
+    folder, as stores written before 2026-11-28 recorded them."""
+    reference = dict(recorded.get("reference") or {})
+    maker = str(reference.get("maker", "auto")).strip().lower()
+    for key, makers in _PATH_USERS.items():
+        value = reference.pop(key, None)
+        if maker in makers and value:
+            if resolve_from is not None and isinstance(value, str):
+                value = str((resolve_from / Path(value).expanduser()).resolve())
+            reference[key] = value
+    metrics = list(recorded.get("metrics") or [])
+    view: dict[str, Any] = {"reference": reference, "metrics": metrics}
+    if set(JUDGE_METRICS) & set(metrics):
+        view["judge"] = recorded.get("judge")
+    return view
 
 
 def _check_scoring(study: Study, store: Store) -> None:
     """Refuse to add results scored one way to results scored another: an edited [reference] or [metrics]
     table would otherwise leave every finished job's scores as they were, silently."""
-    before = store.meta().get("scoring")
-    if before is None or _same_scoring(before, study):
+    meta = store.meta()
+    before = meta.get("scoring")
+    if before is None:
         return
     now = json.loads(json.dumps(scoring(study)))  # as stored: JSON types
+    old = _scoring_view(before)
+    # The current settings as written, and resolved against this folder and against the folder the store's
+    # study file was in (an old store, absolute paths, possibly before the folder moved).
+    folders = [None, study.path.parent] + (
+        [Path(meta["study_file"]).parent] if isinstance(meta.get("study_file"), str) else []
+    )
+    candidates = [_scoring_view(now, folder) for folder in folders]
+    if old in candidates:
+        return
     done = sum(r["status"] == "done" for r in store.rows())  # failed jobs hold no scores to protect
     if not done:
         return
-    legacy = json.loads(json.dumps(scoring(study, resolved=True)))
     changed = [
-        k for k in ("reference", "metrics", "judge") if k in now and before.get(k) not in (now[k], legacy[k])
+        k for k in ("reference", "metrics", "judge") if all(old.get(k) != c.get(k) for c in candidates)
     ]
-    was = "; ".join(f"{k} was {json.dumps(before.get(k), sort_keys=True)}" for k in changed)
+    was = "; ".join(f"{k} was {json.dumps(old.get(k), sort_keys=True)}" for k in changed)
     raise ConfigError(
         f"{study.path}: the {' and '.join(changed)} settings changed since {done} job(s) were scored "
         f"({was}); their stored scores would not match. Restore the old settings, or give the study another "

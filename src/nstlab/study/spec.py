@@ -306,8 +306,8 @@ SMOKE_ITERATION_SCALE = 200  # 1000/1500/2000 -> 5/8/10 evaluations (round half 
 
 
 def _smoke_iterations(n: Any) -> Any:
-    if isinstance(n, bool) or not isinstance(n, int):
-        return n  # not a count: left for the config's own check to name (e.g. iterations = "x")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return n  # not a count: left for the config's own check to name (e.g. iterations = "x" or 0)
     return max(2, round(n / SMOKE_ITERATION_SCALE))
 
 

@@ -65,6 +65,13 @@ def _alive(worker: str) -> bool:
     return True
 
 
+def _claimable(row: Any, me: str, now: float, retry_failed: bool) -> bool:
+    """Pending (or failed, when retrying) jobs, and running ones whose runner is gone or silent."""
+    if row["status"] == "running" and row["worker"] != me:
+        return not _alive(row["worker"]) or (now - (row["heartbeat"] or 0)) > STALE_AFTER_S
+    return bool(row["status"] == "pending" or (retry_failed and row["status"] == "failed"))
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -120,12 +127,7 @@ class Store:
             rows = db.execute("SELECT id, grp, status, worker, heartbeat FROM jobs").fetchall()
             runnable: dict[str, list[str]] = {}
             for r in rows:
-                if r["id"] not in wanted:
-                    continue
-                ok = r["status"] == "pending" or (retry_failed and r["status"] == "failed")
-                if r["status"] == "running" and r["worker"] != me:
-                    ok = not _alive(r["worker"]) or (now - (r["heartbeat"] or 0)) > STALE_AFTER_S
-                if ok:
+                if r["id"] in wanted and _claimable(r, me, now, retry_failed):
                     runnable.setdefault(r["grp"], []).append(r["id"])
             if not runnable:
                 return []
@@ -143,6 +145,12 @@ class Store:
                 [(me, now, now, i) for i in job_ids],
             )
             return [(g, runnable[g]) for g in groups]
+
+    def claimable(self, ids: Sequence[str], *, retry_failed: bool = False) -> list[str]:
+        """The jobs among ``ids`` this runner could claim now (what claim_groups would take, in time)."""
+        me, now, wanted = worker_id(), time.time(), set(ids)
+        rows = self.db.execute("SELECT id, status, worker, heartbeat FROM jobs").fetchall()
+        return [r["id"] for r in rows if r["id"] in wanted and _claimable(r, me, now, retry_failed)]
 
     def heartbeat(self, ids: Sequence[str]) -> None:
         with self.transaction() as db:
