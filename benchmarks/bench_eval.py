@@ -21,8 +21,10 @@ What is timed:
   ``engine``.
 Optional variants (``--variants``): ``baseline_frozen`` (the baseline with ``requires_grad_(False)``) and
 ``nstlab_cl`` (nstlab's objective with the extractor and its input in channels_last memory format) and
-``nstlab_plain`` (nstlab without its two hand-written backward passes, for its own evaluations only:
-autograd's Gram backward and the stem convolution's own input gradient -- see ``plain_paths``).
+``nstlab_plain`` (nstlab without its hand-written backward passes, for its own evaluations only:
+autograd's Gram backward and the first convolution's own input gradient -- see ``plain_paths``) and
+``nstlab_onednn_grad`` (only the first convolution's input gradient back to oneDNN's: ResNet's stem, VGG's
+conv1_1).
 
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one evaluation (forward + backward; it counts
 convolutions and matrix products, not element-wise work). Achieved fraction = FLOPs / (seconds per
@@ -62,7 +64,7 @@ from nstlab.optim import make_optimizer
 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
 
 EXTRACTORS = ("vgg16", "vgg19", "resnet18")
-VARIANTS = ("baseline", "nstlab", "baseline_frozen", "nstlab_cl", "nstlab_plain")
+VARIANTS = ("baseline", "nstlab", "baseline_frozen", "nstlab_cl", "nstlab_plain", "nstlab_onednn_grad")
 # Variants of older result files, still rendered by --render.
 OLD_VARIANTS = ("nstlab_fastgram", "nstlab_cl_fastgram")
 
@@ -82,16 +84,18 @@ class ChannelsLast(nn.Module):
 
 
 @contextlib.contextmanager
-def plain_paths(extractor: nn.Module | None) -> Iterator[None]:
-    """nstlab as it was before its two hand-written backward passes (``nstlab_plain``): autograd's own
-    Gram backward (``losses.gram_matrix_reference``, swapped in; the engine looks ``gram_matrix`` up at
-    call time) and the stem convolution's own input gradient (``subpixel_grad = False``)."""
+def plain_paths(extractor: nn.Module | None, *, gram: bool = True) -> Iterator[None]:
+    """nstlab as it was before its hand-written backward passes (``nstlab_plain``): autograd's own Gram
+    backward (``losses.gram_matrix_reference``, swapped in; the engine looks ``gram_matrix`` up at call
+    time) and the first convolution's own input gradient (``subpixel_grad = False``: ResNet's stem, VGG's
+    conv1_1). ``gram=False`` (``nstlab_onednn_grad``) keeps nstlab's Gram: only the convolution changes."""
     if extractor is None:
         yield
         return
     stems = {m: m.subpixel_grad for m in extractor.modules() if isinstance(m, SubPixelGradConv2d)}
     original = losses.gram_matrix
-    losses.gram_matrix = losses.gram_matrix_reference
+    if gram:
+        losses.gram_matrix = losses.gram_matrix_reference
     for m in stems:
         m.subpixel_grad = False
     try:
@@ -113,18 +117,20 @@ class NstlabEval:
         style: Tensor,
         cfg: StylizeConfig,
         plain: bool = False,
+        gram: bool = True,
     ) -> None:
         cfg = cfg.resolved()
         assert cfg.lr is not None
         self.plain = extractor if plain else None
-        with plain_paths(self.plain):
+        self.gram = gram  # with plain: also autograd's Gram backward
+        with plain_paths(self.plain, gram=gram):
             self.objective = Objective(cast(FeatureExtractor, extractor), content, style, cfg)
         self.param = initial_image(cfg, content, style).contiguous().requires_grad_(True)
         self.opt = make_optimizer(cfg.optimizer, self.param, cfg.lr)
         self.last_image = self.param.detach().clone()
 
     def __call__(self) -> float:
-        with plain_paths(self.plain):
+        with plain_paths(self.plain, gram=self.gram):
             return self._evaluate()
 
     def _evaluate(self) -> float:
@@ -152,6 +158,8 @@ def build(
         return NstlabEval(ChannelsLast(extractor), content, style, cfg)
     if variant == "nstlab_plain":
         return NstlabEval(extractor, content, style, cfg, plain=True)
+    if variant == "nstlab_onednn_grad":
+        return NstlabEval(extractor, content, style, cfg, plain=True, gram=False)
     raise ValueError(variant)
 
 

@@ -370,8 +370,10 @@ def test_segmented_forward_without_gradients_streams_layers() -> None:
 
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding"),
-    # the stem; odd and even kernels; stride > kernel; padding >= kernel (no tap above: d_max < 0)
-    [(7, 2, 3), (3, 2, 1), (4, 2, 1), (5, 3, 2), (1, 2, 0), (6, 4, 1), (1, 2, 1), (3, 2, 4), (2, 3, 3)],
+    # the stem; odd and even kernels; stride > kernel; padding >= kernel (no tap above: d_max < 0);
+    # stride 1 (VGG's first layer, through correlate_gemm): same, none, wider and "full" padding
+    [(7, 2, 3), (3, 2, 1), (4, 2, 1), (5, 3, 2), (1, 2, 0), (6, 4, 1), (1, 2, 1), (3, 2, 4), (2, 3, 3)]
+    + [(3, 1, 1), (3, 1, 0), (5, 1, 4), (4, 1, 2), (1, 1, 0), (2, 1, 3)],
 )
 @pytest.mark.parametrize("hw", [(32, 48), (33, 47), (7, 9)])
 def test_subpixel_input_grad_equals_the_convolutions_own(
@@ -389,6 +391,35 @@ def test_subpixel_input_grad_equals_the_convolutions_own(
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_correlate_gemm_equals_conv2d(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One matrix product + K*K shifted adds against F.conv2d, float64: batch 2, odd sizes, paddings
+    # smaller than, equal to and larger than the kernel, non-square padding.
+    gen = torch.Generator().manual_seed(5)
+    for in_c, out_c, k, pad_h, pad_w, h, w in [
+        (64, 3, 3, 1, 1, 17, 23),
+        (16, 3, 3, 2, 2, 5, 4),
+        (5, 7, 5, 0, 4, 11, 6),
+        (4, 2, 2, 3, 0, 3, 9),
+    ]:
+        g = torch.randn(2, in_c, h, w, dtype=torch.float64, generator=gen)
+        weight = torch.randn(out_c, in_c, k, k, dtype=torch.float64, generator=gen)
+        expected = nn.functional.conv2d(g, weight, padding=(pad_h, pad_w))
+        torch.testing.assert_close(
+            subpixel_module.correlate_gemm(g, weight, pad_h, pad_w), expected, rtol=1e-10, atol=1e-12
+        )
+    # Above the memory budget the stride-1 gradient falls back to F.conv2d: the same numbers.
+    x = torch.randn(1, 3, 9, 11, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(8, 3, 3, 3, dtype=torch.float64, generator=gen)
+    y = nn.functional.conv2d(x, weight, padding=1)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    (expected,) = torch.autograd.grad(y, x, g)
+    monkeypatch.setattr(subpixel_module, "GEMM_MAX_BYTES", 0)
+    monkeypatch.setattr(subpixel_module, "correlate_gemm", None)  # would raise if called
+    torch.testing.assert_close(
+        subpixel_input_grad(g, weight, (9, 11), 1, 1), expected, rtol=1e-10, atol=1e-12
+    )
+
+
 def test_resnet_stem_uses_the_subpixel_gradient_only_where_it_is_the_same_computation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -397,10 +428,10 @@ def test_resnet_stem_uses_the_subpixel_gradient_only_where_it_is_the_same_comput
     stem = ext.body.conv1
     assert isinstance(stem, SubPixelGradConv2d)  # same keys: body.conv1.weight
     assert "body.conv1.weight" in ext.state_dict() and "body.conv1.weight" in dict(ext.named_parameters())
-    assert not any(
-        isinstance(m, SubPixelGradConv2d)
-        for m in build_extractor(get_spec("vgg19"), ["relu1_1"], "random").modules()
-    )
+    # VGG's first convolution (3 input channels, stride 1) gets the same treatment, same keys.
+    vgg = build_extractor(get_spec("vgg19"), ["relu2_1"], "random")
+    swapped = [n for n, m in vgg.named_modules() if isinstance(m, SubPixelGradConv2d)]
+    assert swapped == ["body.features.0"] and "body.features.0.weight" in vgg.state_dict()
 
     calls: list[int] = []
     original = subpixel_module.subpixel_input_grad

@@ -1,4 +1,4 @@
-"""A faster input gradient for a strided convolution with few input channels: ResNet's 7x7/2 stem.
+"""A faster input gradient for a convolution with few input channels: ResNet's 7x7/2 stem, VGG's first 3x3.
 
 Style transfer differentiates with respect to the image, so every evaluation computes the stem's input
 gradient: a transposed convolution from 64 channels down to 3, with stride 2. oneDNN runs that at a tenth
@@ -16,6 +16,10 @@ taps k = s*d + a + p for d = m - i:
 which, for each phase a, is a cross-correlation of g with the kernel taps of that phase (a tap index
 outside [0, K) contributes zero). Stacking the s*s phases as output channels gives one convolution; the
 pixel shuffle interleaves the phases back into rows s*m + a.
+
+With stride 1 (VGG's first layer) there is one phase: the input gradient is the correlation of g with the
+flipped, transposed kernel, still with 3 output channels; :func:`correlate_gemm` computes it as one matrix
+product and K*K shifted adds instead.
 """
 
 from __future__ import annotations
@@ -66,10 +70,50 @@ def subpixel_input_grad(
     bottom = math.ceil(height / s) - hy + taps - 1 - d_max
     right = math.ceil(width / s) - wy + taps - 1 - d_max
     pad_h, pad_w = max(d_max, bottom, 0), max(d_max, right, 0)
-    phases = F.conv2d(grad_out, sub, padding=(pad_h, pad_w))
+    if s == 1 and _gemm_bytes(grad_out, sub) <= GEMM_MAX_BYTES:
+        phases = correlate_gemm(grad_out, sub, pad_h, pad_w)  # few output channels: see correlate_gemm
+    else:
+        phases = F.conv2d(grad_out, sub, padding=(pad_h, pad_w))
     top, left = pad_h - d_max, pad_w - d_max
     phases = phases[..., top : top + math.ceil(height / s), left : left + math.ceil(width / s)]
     return F.pixel_shuffle(phases, s)[..., :height, :width]
+
+
+# correlate_gemm's intermediate (out_c * K * K values per pixel) above this falls back to F.conv2d: at
+# 2048 px without checkpointing it would add ~0.3 GiB for VGG's first layer; checkpointed strips stay below.
+GEMM_MAX_BYTES = 256 * 2**20
+
+
+def _gemm_bytes(g: Tensor, weight: Tensor) -> int:
+    out_c, _, kh, kw = weight.shape
+    return g.shape[0] * out_c * kh * kw * g.shape[-2] * g.shape[-1] * g.element_size()
+
+
+def correlate_gemm(g: Tensor, weight: Tensor, pad_h: int, pad_w: int) -> Tensor:
+    """``F.conv2d(g, weight, padding=(pad_h, pad_w))`` (stride 1) as one matrix product and K*K shifted adds.
+
+    For few output channels -- VGG's first layer's input gradient goes from 64 channels down to 3 -- oneDNN
+    runs the convolution at 5-9 % of this CPU's matmul peak (3 outputs do not fill a vector register). Here
+    t[(o, a, b), p] = sum_c weight[o, c, a, b] g[c, p] is one well-shaped product (out_c * K * K rows), and
+    out[o, i, j] = sum_{a, b} t[o, a, b, i + a - pad_h, j + b - pad_w] (zero outside g) adds K*K shifted
+    slices: 2.9-3.9x faster for that layer at 256-512 px (benchmarks/README.md). With many output channels
+    (ResNet's sub-pixel stem: 12 x 16 taps) the shifted adds cost more than they save: not used there."""
+    n, in_c, h, w = g.shape
+    out_c, _, kh, kw = weight.shape
+    out_h, out_w = h + 2 * pad_h - kh + 1, w + 2 * pad_w - kw + 1
+    wt = weight.permute(0, 2, 3, 1).reshape(out_c * kh * kw, in_c)
+    t = torch.matmul(wt, g.reshape(n, in_c, h * w)).reshape(n, out_c, kh, kw, h, w)
+    out = g.new_zeros(n, out_c, out_h, out_w)
+    for a in range(kh):
+        for b in range(kw):
+            # output rows i whose source row i + a - pad_h lies inside g (likewise columns)
+            i0, i1 = max(0, pad_h - a), min(out_h, h + pad_h - a)
+            j0, j1 = max(0, pad_w - b), min(out_w, w + pad_w - b)
+            if i0 < i1 and j0 < j1:
+                out[:, :, i0:i1, j0:j1] += t[
+                    :, :, a, b, i0 + a - pad_h : i1 + a - pad_h, j0 + b - pad_w : j1 + b - pad_w
+                ]
+    return out
 
 
 class _SubPixelGradConv(torch.autograd.Function):
@@ -105,14 +149,15 @@ class SubPixelGradConv2d(nn.Conv2d):
 
     @staticmethod
     def applies_to(module: nn.Module) -> bool:
-        """A convolution this replacement is written for: square stride > 1, few input channels."""
+        """A convolution this replacement is written for: square stride, few input channels (stride 1:
+        VGG's first layer, whose input gradient then takes :func:`correlate_gemm`)."""
         return (
             type(module) is nn.Conv2d
             and module.in_channels <= 4
             and module.groups == 1
             and module.padding_mode == "zeros"
             and module.dilation == (1, 1)
-            and module.stride[0] == module.stride[1] > 1
+            and module.stride[0] == module.stride[1] >= 1
             and module.kernel_size[0] == module.kernel_size[1]
             and isinstance(module.padding, tuple)
             and module.padding[0] == module.padding[1]
