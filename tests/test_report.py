@@ -514,3 +514,22 @@ def test_rows_of_an_earlier_study_version_are_counted_in_markdown_and_html(tmp_p
         note in (out / "report.md").read_text()
         and "2 rows in the store belong" in (out / "index.html").read_text()
     )
+
+
+def test_references_from_two_makers_are_flagged(tmp_path: Path) -> None:
+    # maker = "auto" where AdaIN's weights could be had for some pairs and not for others: Magenta's and
+    # AdaIN's references are different targets, so the report says so above the tables.
+    path = write_study(tmp_path, 'optimizer = ["adam"]', name="mix")
+    study = load_study(path, smoke=True)
+    assert run_study(study, RunOptions(device="cpu"), quiet=True)["done"] == 2
+    out = build_report(study, formats=("md", "html"), figures=False)
+    assert "Mixed references" not in (out / "report.md").read_text()  # one maker (offline: Magenta)
+    store = Store(store_path(study))
+    row = next(r for r in store.rows() if r["pair"] == "p1")
+    assert row["reference"]["maker"] == "magenta"
+    store.finish(row["id"], reference={**row["reference"], "maker": "adain"})
+    store.close()
+    out = build_report(study, formats=("md", "html"), figures=False)
+    md = (out / "report.md").read_text()
+    assert "**⚠ Mixed references.** Pseudo ground truths come from 2 makers (adain: p1; magenta: a" in md
+    assert 'id="mixed-references-banner"' in (out / "index.html").read_text()

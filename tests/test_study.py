@@ -460,8 +460,12 @@ def test_ray_executor_runs_a_smoke_study(tmp_path: Path, monkeypatch: pytest.Mon
             DeviceError, match=r"no node of the Ray cluster can take a job of 1 CPUs and 1 GPUs \(1 live node"
         ):
             run_study(load_study(path, smoke=True), RunOptions(executor="ray", gpus_per_job=1), quiet=True)
-        with pytest.raises(DeviceError, match="of 64 CPUs and 0 GPUs .* --wait-for-resources"):
-            run_study(load_study(path, smoke=True), RunOptions(executor="ray", cpus_per_job=64), quiet=True)
+        # This process started the cluster (ray.init() above), so it never gains nodes: no
+        # --wait-for-resources way out, and that flag is refused too, where it would wait forever.
+        for wait in (False, True):
+            opts = RunOptions(executor="ray", cpus_per_job=64, wait_for_resources=wait)
+            with pytest.raises(DeviceError, match=r"of 64 CPUs and 0 GPUs .*--gpus-per-job$"):
+                run_study(load_study(path, smoke=True), opts, quiet=True)
     finally:
         ray.shutdown()  # only our own cluster
     assert counts["done"] == 6
@@ -543,10 +547,16 @@ def test_unavailable_device_or_cluster_fails_before_any_job(
 def test_ray_capacity_follows_the_scarcer_resource() -> None:
     from nstlab.study.executors import _capacity
 
-    assert _capacity({"CPU": 16.0, "GPU": 2.0}, 4, 0) == 4
-    assert _capacity({"CPU": 16.0, "GPU": 2.0}, 4, 1) == 2  # the GPUs bound it
-    assert _capacity({"CPU": 0.0, "GPU": 8.0}, 0, 1) == 8  # GPU-only jobs on GPU nodes without CPUs
-    assert _capacity({"GPU": 8.0}, 1, 0) == 0  # nothing fits now (an autoscaler may add nodes)
+    def node(alive: bool = True, **resources: float) -> dict[str, object]:
+        return {"Alive": alive, "Resources": resources}
+
+    assert _capacity([node(CPU=16.0, GPU=2.0)], 4, 0) == 4
+    assert _capacity([node(CPU=16.0, GPU=2.0)], 4, 1) == 2  # the GPUs bound it
+    assert _capacity([node(CPU=0.0, GPU=8.0)], 0, 1) == 8  # GPU-only jobs on GPU nodes without CPUs
+    assert _capacity([node(GPU=8.0)], 1, 0) == 0  # nothing fits now (an autoscaler may add nodes)
+    # Per node, summed: 8 CPUs on one node and 8 GPUs on another hold no job of 1 CPU + 1 GPU.
+    assert _capacity([node(CPU=8.0), node(GPU=8.0)], 1, 1) == 0
+    assert _capacity([node(CPU=8.0), node(CPU=4.0, GPU=1.0), node(False, CPU=64.0)], 2, 0) == 6
 
 
 def test_wait_for_resources_is_refused_for_the_private_local_ray(
@@ -560,10 +570,36 @@ def test_wait_for_resources_is_refused_for_the_private_local_ray(
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
     study = load_study(write_study(tmp_path, 'optimizer = ["adam"]', pairs=1), smoke=True)
-    opts = RunOptions(executor="ray", gpus_per_job=1, wait_for_resources=True)
-    with pytest.raises(DeviceError, match=r"can take a job of 1 CPUs and 1 GPUs .*--gpus-per-job$"):
-        run_study(study, opts, quiet=True)
-    assert shut == [True]
+    for address in (None, "local"):  # "local" starts a new local Ray too
+        opts = RunOptions(executor="ray", gpus_per_job=1, wait_for_resources=True, address=address)
+        with pytest.raises(DeviceError, match=r"can take a job of 1 CPUs and 1 GPUs .*--gpus-per-job$"):
+            run_study(study, opts, quiet=True)
+    assert shut == [True, True]
+
+
+def test_wait_for_resources_on_a_cluster_that_may_grow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Connected to a cluster this process did not start: refused with the way out, or announced and queued.
+    ray = pytest.importorskip("ray")
+    from nstlab.study import executors
+
+    class Queued(Exception):
+        pass
+
+    def remote(**resources: float) -> object:
+        raise Queued(resources)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(executors, "_started_in_process", lambda ray: False)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "remote", remote)
+    study = load_study(write_study(tmp_path, 'optimizer = ["adam"]', pairs=1), smoke=True)
+    with pytest.raises(DeviceError, match=r"1 CPUs and 1 GPUs .*, or pass --wait-for-resources"):
+        run_study(study, RunOptions(executor="ray", gpus_per_job=1), quiet=True)
+    with pytest.raises(Queued):
+        run_study(study, RunOptions(executor="ray", gpus_per_job=1, wait_for_resources=True), quiet=True)
+    assert "waiting for the Ray cluster to add a node with 1 CPUs and 1 GPUs" in capsys.readouterr().err
 
 
 def test_ray_resource_check_needs_one_node_with_all_of_a_jobs_request() -> None:
@@ -750,6 +786,27 @@ def test_a_real_study_with_random_weights_says_so(tmp_path: Path, capsys: pytest
     )  # --smoke is random by definition; --quiet hides its header
 
 
+def test_scoring_settings_spelled_otherwise_compare_alike() -> None:
+    from nstlab.study.runner import _scoring_view
+
+    a = {"reference": {"maker": "auto", "adain_weights": "w"}, "metrics": ["rmse", "ssim"], "judge": "tv"}
+    b = {
+        "reference": {"maker": " Auto", "adain_weights": "./w/", "alpha": 1, "content_size": 512},
+        "metrics": ["ssim", "rmse"],
+        "judge": "other",  # no content/style metric runs the judge
+    }
+    assert _scoring_view(a) == _scoring_view(b)
+    assert _scoring_view(a) != _scoring_view(
+        {**a, "reference": {"maker": "auto", "adain_weights": "w", "alpha": 0.5}}
+    )
+    assert _scoring_view(a) != _scoring_view({**a, "reference": {"maker": "auto", "adain_weights": "../w"}})
+    assert _scoring_view(a) != _scoring_view({**a, "metrics": ["rmse"]})
+    # ".." is kept: through a symlinked folder, x/../w is not w.
+    assert _scoring_view(a) != _scoring_view({**a, "reference": {"maker": "auto", "adain_weights": "x/../w"}})
+    # A hand-edited record of the wrong shape is a change, not a crash.
+    assert _scoring_view(a) != _scoring_view({**a, "reference": "adain", "metrics": "rmse"})
+
+
 def test_a_moved_study_folder_is_the_same_study(tmp_path: Path) -> None:
     # [reference] paths are remembered as written (relative to the study file), so moving the folder, or a
     # cluster mounting it elsewhere, does not look like a changed reference.
@@ -781,6 +838,10 @@ def test_a_moved_study_folder_is_the_same_study(tmp_path: Path) -> None:
     assert load_study(moved / "m.toml").reference["adain_weights"] == str(moved / "weights")  # used resolved
     assert run(moved) == 1
     assert run(moved) == 1  # now stored as written
+    # Spelled otherwise, scored alike: not a change.
+    alike = text.replace('maker = "auto"', 'maker = "Auto"\nalpha = 1.0').replace('"weights"', '"./weights/"')
+    (moved / "m.toml").write_text(alike)
+    assert run(moved) == 1
     (moved / "m.toml").write_text(text.replace('maker = "auto"', 'maker = "magenta"'))
     with pytest.raises(ConfigError, match="the reference settings changed"):
         run(moved)  # the maker itself changed
@@ -879,3 +940,14 @@ def test_jobs_a_live_runner_holds_are_not_left_for_this_one(tmp_path: Path) -> N
     assert [j.id for j in _jobs_left(store, jobs, retry_failed=False)] == [dead]
     assert [j.id for j in _jobs_left(store, jobs, retry_failed=True)] == [dead, failed]
     store.close()
+
+
+@pytest.mark.parametrize("maker", ["auto", "Auto", " ADAIN "])
+def test_smoke_studies_make_magenta_references_however_the_maker_is_spelled(
+    tmp_path: Path, maker: str
+) -> None:
+    # --smoke must never download AdaIN's weights: "auto" and "adain", in any case, become Magenta.
+    path = write_study(tmp_path, 'optimizer = ["adam"]', pairs=1)
+    path.write_text(path.read_text() + f'[reference]\nmaker = "{maker}"\n')
+    assert load_study(path, smoke=True).reference["maker"] == "magenta"
+    assert load_study(path).reference["maker"] == maker

@@ -79,8 +79,10 @@ def subpixel_input_grad(
     return F.pixel_shuffle(phases, s)[..., :height, :width]
 
 
-# correlate_gemm's intermediate (out_c * K * K values per pixel) above this falls back to F.conv2d: at
-# 2048 px without checkpointing it would add ~0.3 GiB for VGG's first layer; checkpointed strips stay below.
+# correlate_gemm's intermediate (out_c * K * K values per pixel) above this falls back to F.conv2d. For VGG's
+# first layer that is 27 fp32 values (108 bytes) a pixel of each image in the batch: ~0.42 GiB for one
+# 2048 x 2048 image, so above about 1575 x 1575 pixels (in all) an unchunked evaluation falls back;
+# checkpointed strips stay below.
 GEMM_MAX_BYTES = 256 * 2**20
 
 

@@ -67,6 +67,9 @@ def _markdown(data: ReportData, tables: Sequence[Table], figures: Figures, out_d
             "only show that the pipeline runs.",
             "",
         ]
+    mixed = data.mixed_references_note()
+    if mixed:
+        lines += [f"> **⚠ Mixed references.** {md_escape(mixed)}", ""]
     lines += [
         f"{plural(len(data.pairs), 'pair')} × {plural(len(data.settings), 'setting')}"
         + (f" (axes: {', '.join(study.axes)})" if study.axes else "")

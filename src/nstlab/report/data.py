@@ -217,6 +217,31 @@ class ReportData:
     def any_done(self) -> bool:
         return any(j.done for j in self.jobs)
 
+    # --- pseudo ground truths from more than one maker -----------------------------------------------
+
+    def pairs_by_reference_maker(self) -> dict[str, list[str]]:
+        """{maker: pair names} of the done jobs' references. More than one maker happens with maker = "auto"
+        when some references were made where AdaIN's weights could be had and others where they could not
+        (Magenta): their scores measure distances to different targets and do not average together."""
+        makers: dict[str, set[str]] = {}
+        for j in self.jobs:
+            ref = j.row.get("reference") if j.done and j.row else None
+            if isinstance(ref, dict) and ref.get("maker"):
+                makers.setdefault(str(ref["maker"]), set()).add(j.job.pair.name)
+        return {m: sorted(p) for m, p in sorted(makers.items())}
+
+    def mixed_references_note(self) -> str | None:
+        makers = self.pairs_by_reference_maker()
+        if len(makers) < 2:
+            return None
+        which = "; ".join(f"{m}: {', '.join(p)}" for m, p in makers.items())
+        return (
+            f"Pseudo ground truths come from {len(makers)} makers ({which}), so the reference metrics of "
+            "these pairs are distances to different targets and their means mix them. Name one maker in "
+            '[reference] (e.g. maker = "adain" with its weights available) and run the study into a new '
+            "output folder."
+        )
+
     # --- random weights -------------------------------------------------------------------------------
 
     def random_weight_jobs(self) -> list[JobView]:

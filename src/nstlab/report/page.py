@@ -83,6 +83,17 @@ def _table_block(table: Table, data: ReportData) -> str:
 
 
 def _banner(data: ReportData) -> str:
+    mixed = data.mixed_references_note()
+    html = (
+        f'<div class="banner" id="mixed-references-banner" role="alert">Mixed references.'
+        f"<small>{_e(mixed)}</small></div>"
+        if mixed
+        else ""
+    )
+    return html + _random_banner(data)
+
+
+def _random_banner(data: ReportData) -> str:
     if not data.random_weights:
         return ""
     jobs = data.random_weight_jobs()

@@ -283,13 +283,34 @@ def _node_fits(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> str
     return f"{len(alive)} live node(s), the largest with {most_cpus:g} CPUs, {most_gpus:g} GPUs"
 
 
-def _capacity(resources: dict[str, Any], cpus: float, gpus: float) -> int:
-    """How many jobs of ``cpus`` CPUs and ``gpus`` GPUs the cluster's resources hold at once (by the
-    scarcer of the two; a request of 0 does not limit)."""
-    limits = [
-        int(float(resources.get(name, 0)) // need) for name, need in (("CPU", cpus), ("GPU", gpus)) if need
-    ]
-    return min(limits) if limits else 0
+def _capacity(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> int:
+    """How many jobs of ``cpus`` CPUs and ``gpus`` GPUs the live nodes hold at once: per node by the scarcer
+    of the two (a request of 0 does not limit), summed. Not from the cluster's totals, which count a CPU
+    on one node and a GPU on another as one job's worth."""
+    total = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        resources = node.get("Resources", {})
+        limits = [
+            int(float(resources.get(name, 0)) // need)
+            for name, need in (("CPU", cpus), ("GPU", gpus))
+            if need
+        ]
+        total += min(limits) if limits else 0
+    return total
+
+
+def _started_in_process(ray: Any) -> bool:
+    """Whether this process started the Ray it is connected to (``ray.init()`` without an address, or with
+    ``address="local"``, here or by the caller): such a cluster has no autoscaler, and gains nodes only if
+    someone joins one by hand (``ray start --address``).
+    Ray has no public way to ask; its driver's node object is the head when it started the cluster."""
+    try:
+        node = ray._private.worker._global_node
+    except AttributeError:  # another Ray version's layout: assume a cluster that may grow
+        return False
+    return bool(getattr(node, "head", False))
 
 
 def _remote_compute(tasks: list[GroupTask]) -> list[Any]:
@@ -323,7 +344,8 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
             )
     # Ray queues a task whose request no node can meet, forever and silently: check the nodes first.
     fits = _node_fits(ray.nodes(), opts.cpus_per_job, opts.gpus_per_job)  # type: ignore[no-untyped-call]
-    own_local = started_here and not opts.address  # the private local Ray never gains nodes
+    # A Ray started in this process (by this run or the caller) never gains nodes: waiting would be forever.
+    own_local = (started_here and opts.address in (None, "", "local")) or _started_in_process(ray)
     if fits is not None and (own_local or not opts.wait_for_resources):
         if started_here:
             ray.shutdown()
@@ -350,8 +372,8 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
     def capacity() -> int:
         # Re-read every time: a cluster grows and shrinks. With --wait-for-resources twice what fits now
         # (at least 2), so that an autoscaler sees the demand for more nodes.
-        fit = _capacity(ray.cluster_resources(), opts.cpus_per_job, opts.gpus_per_job)  # type: ignore[no-untyped-call]
-        return max(2, 2 * fit) if opts.wait_for_resources else max(1, fit)
+        fit = _capacity(ray.nodes(), opts.cpus_per_job, opts.gpus_per_job)  # type: ignore[no-untyped-call]
+        return max(2, 2 * fit) if opts.wait_for_resources and not own_local else max(1, fit)
 
     groups, last_beat = 0, time.monotonic()
     try:
@@ -410,7 +432,7 @@ def run_study(study: Study, opts: RunOptions | None = None, *, quiet: bool = Fal
         number = isinstance(amount, int | float) and not isinstance(amount, bool) and math.isfinite(amount)
         if not number or not isinstance(amount, int | float) or amount < 0 or (amount == 0 and not zero_ok):
             raise ConfigError(f"--{flag} must be a number {'>=' if zero_ok else '>'} 0, got {amount!r}")
-    if opts.cpus_per_job == 0 and opts.gpus_per_job == 0:
+    if opts.executor == "ray" and opts.cpus_per_job == 0 and opts.gpus_per_job == 0:
         raise ConfigError(
             "--cpus-per-job and --gpus-per-job cannot both be 0: nothing would limit how many jobs run at "
             "once"

@@ -15,7 +15,7 @@ import io
 import json
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -393,19 +393,37 @@ def scoring(study: Study) -> dict[str, Any]:
 _PATH_USERS = {"adain_weights": ("auto", "adain"), "reference_dir": ("folder",)}
 
 
+def _reference_defaults() -> dict[str, Any]:
+    """ReferenceOptions' defaults of the options that are not paths (the maker's default: "auto")."""
+    from nstlab.reference import ReferenceOptions
+
+    defaults = {f.name: f.default for f in fields(ReferenceOptions) if f.name not in _PATH_USERS}
+    return {"maker": "auto", **defaults}
+
+
 def _scoring_view(recorded: dict[str, Any], resolve_from: Path | None = None) -> dict[str, Any]:
     """The part of a scoring record the scores depend on: a [reference] path only for a maker that reads it,
     the judge only when a metric runs it. ``resolve_from`` makes relative paths absolute against that
     folder, as stores written before 2026-11-28 recorded them."""
-    reference = dict(recorded.get("reference") or {})
+    # Spellings that score alike compare alike: an option left out or given at its default, "Auto" and
+    # "auto", "./w" and "w", the metrics in another order.
+    written = recorded.get("reference") or {}
+    reference = {**_reference_defaults(), **(written if isinstance(written, dict) else {"?": written})}
     maker = str(reference.get("maker", "auto")).strip().lower()
+    reference["maker"] = maker
     for key, makers in _PATH_USERS.items():
         value = reference.pop(key, None)
         if maker in makers and value:
-            if resolve_from is not None and isinstance(value, str):
-                value = str((resolve_from / Path(value).expanduser()).resolve())
+            if isinstance(value, str):
+                # Path drops "./" and a trailing "/" but keeps "..": a/link/.. is not a when link is a
+                # symlink, and the study resolves paths through the file system.
+                value = Path(value).expanduser()
+                value = str((resolve_from / value).resolve() if resolve_from is not None else value)
             reference[key] = value
-    metrics = list(recorded.get("metrics") or [])
+    written_metrics = recorded.get("metrics") or []
+    metrics = (
+        sorted(map(str, written_metrics)) if isinstance(written_metrics, list) else [str(written_metrics)]
+    )
     view: dict[str, Any] = {"reference": reference, "metrics": metrics}
     if set(JUDGE_METRICS) & set(metrics):
         view["judge"] = recorded.get("judge")

@@ -408,7 +408,9 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         raise InputError(f"{where} [reference]: reference_dir {reference['reference_dir']} is not a folder")
     if smoke:
         reference["maker"] = (
-            "magenta" if reference.get("maker", "auto") in ("auto", "adain") else reference["maker"]
+            "magenta"
+            if str(reference.get("maker", "auto")).strip().lower() in ("auto", "adain")
+            else reference["maker"]
         )
     metrics_raw = _table(raw, "metrics", where, 'names = ["rmse", "psnr", "ssim"]')
     for key in metrics_raw:
