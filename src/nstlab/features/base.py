@@ -351,6 +351,15 @@ def _hub_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+def _other_ways_out(cached: Path) -> str:
+    """Ways out (2) and (3) of a missing torchvision checkpoint, after (1) getting it from the internet."""
+    return (
+        f"(2) copy {cached.name} into {cached.parent} or point to a weights file (--weights FILE; "
+        'weights = "FILE" in a study\'s [base]); (3) random weights, for tests and smoke runs only '
+        "(--weights random; study run --smoke)."
+    )
+
+
 def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], WeightsInfo]:
     enum = spec.weights_enum()
     url: str = enum.url
@@ -361,10 +370,8 @@ def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], Weight
     if offline():
         raise WeightsError(
             f"{spec.display} ImageNet weights are not cached at {cached}, and {OFFLINE_VAR} is set, so no "
-            f"download was tried. Ways out: (1) unset {OFFLINE_VAR} on a machine with internet; (2) copy "
-            f"{cached.name} into {cached.parent} or point to a weights file (--weights FILE; "
-            'weights = "FILE" in a study\'s [base]); (3) random weights, for tests and smoke runs only '
-            "(--weights random; study run --smoke)."
+            f"download was tried. Ways out: (1) unset {OFFLINE_VAR} on a machine with internet; "
+            + _other_ways_out(cached)
         )
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a closed network must fail, not hang
@@ -382,9 +389,7 @@ def _load_torchvision(spec: ExtractorSpec) -> tuple[Mapping[str, Tensor], Weight
         raise WeightsError(
             f"{spec.display} ImageNet weights are not cached at {cached} and could not be downloaded "
             f"from {url} ({reason}). Ways out: (1) connect to the internet once so torchvision can "
-            f"download them; (2) copy {cached.name} into {cached.parent} or point to a weights file "
-            '(--weights FILE; weights = "FILE" in a study\'s [base]); (3) random weights, for tests and '
-            "smoke runs only (--weights random; study run --smoke)."
+            f"download them; " + _other_ways_out(cached)
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)

@@ -74,13 +74,7 @@ def _markdown(data: ReportData, tables: Sequence[Table], figures: Figures, out_d
         f"{plural(len(data.pairs), 'pair')} × {plural(len(data.settings), 'setting')}"
         + (f" (axes: {', '.join(study.axes)})" if study.axes else "")
         + f"; jobs: {c['done']} done, {c['running']} running, {c['failed']} failed, {c['pending']} pending."
-        + (
-            f" {plural(data.stale_rows, 'row')} in the store"
-            f" {'belongs' if data.stale_rows == 1 else 'belong'} to an earlier version of the study file"
-            f" and {'is' if data.stale_rows == 1 else 'are'} not shown."
-            if data.stale_rows
-            else ""
-        ),
+        + (f" {data.stale_rows_note()}" if data.stale_rows else ""),
         "",
     ]
     if not data.any_done:

@@ -217,6 +217,15 @@ class ReportData:
     def any_done(self) -> bool:
         return any(j.done for j in self.jobs)
 
+    def stale_rows_note(self) -> str | None:
+        n = self.stale_rows
+        if not n:
+            return None
+        return (
+            f"{plural(n, 'row')} in the store {'belongs' if n == 1 else 'belong'} to an earlier version of "
+            f"the study file and {'is' if n == 1 else 'are'} not shown."
+        )
+
     # --- pseudo ground truths from more than one maker -----------------------------------------------
 
     def pairs_by_reference_maker(self) -> dict[str, list[str]]:

@@ -223,12 +223,9 @@ def render_page(
 
     parts.append('<h2 id="provenance">Provenance</h2>')
     parts.append(_provenance(data))
-    if data.stale_rows:
-        parts.append(
-            f'<p class="caption">{plural(data.stale_rows, "row")} in the store '
-            f"{'belongs' if data.stale_rows == 1 else 'belong'} to an earlier version of the study file and "
-            f"{'is' if data.stale_rows == 1 else 'are'} not shown.</p>"
-        )
+    stale = data.stale_rows_note()
+    if stale:
+        parts.append(f'<p class="caption">{_e(stale)}</p>')
     if files:
         links = " · ".join(
             f'<a href="{_e(p.relative_to(out_dir).as_posix())}">{_e(p.name)}</a>' for p in files

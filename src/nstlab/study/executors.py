@@ -234,11 +234,12 @@ def _check_weights(study: Study, jobs: Sequence[Job], device: str) -> None:
         if cfg.weights != "random" and (cfg.extractor, cfg.weights) not in seen:
             seen.add((cfg.extractor, cfg.weights))
             get_extractor(cfg, resolve_device(device))
-    if jobs and needs_judge(study) and _judge_weights(study) != "random":
+    judge = _judge_weights(study)
+    if jobs and needs_judge(study) and judge != "random":
         from nstlab.metrics import make_judge
 
         try:
-            make_judge(_judge_weights(study))
+            make_judge(judge)
         except InputError as exc:  # WeightsError, ImageError, ...: all take just the message
             # The extractor's "ways out" name --weights and [base]; for the judge it is judge_weights.
             what = str(exc).split(" Ways out:")[0].rstrip(".")
@@ -272,10 +273,15 @@ def _check_inputs(study: Study, jobs: Sequence[Job]) -> None:
                     raise ImageError(f"{study.path.name}: pair {pair.name}: {role} {exc}") from None
 
 
+def _live_resources(nodes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resources of each live node, from ``ray.nodes()``."""
+    return [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+
+
 def _node_fits(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> str | None:
     """None when some live node has ``cpus`` CPUs and ``gpus`` GPUs (Ray places a task on one node), else
     what the largest nodes have, for the error message."""
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    alive = _live_resources(nodes)
     if any(float(r.get("CPU", 0)) >= cpus and float(r.get("GPU", 0)) >= gpus for r in alive):
         return None
     most_cpus = max((float(r.get("CPU", 0)) for r in alive), default=0.0)
@@ -288,10 +294,7 @@ def _capacity(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> int:
     of the two (a request of 0 does not limit), summed. Not from the cluster's totals, which count a CPU
     on one node and a GPU on another as one job's worth."""
     total = 0
-    for node in nodes:
-        if not node.get("Alive", True):
-            continue
-        resources = node.get("Resources", {})
+    for resources in _live_resources(nodes):
         limits = [
             int(float(resources.get(name, 0)) // need)
             for name, need in (("CPU", cpus), ("GPU", gpus))
@@ -370,7 +373,7 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
     in_flight: dict[Any, tuple[str, list[str]]] = {}
 
     def capacity() -> int:
-        # Re-read every time: a cluster grows and shrinks. With --wait-for-resources twice what fits now
+        # Re-read every pass: a cluster grows and shrinks. With --wait-for-resources twice what fits now
         # (at least 2), so that an autoscaler sees the demand for more nodes.
         fit = _capacity(ray.nodes(), opts.cpus_per_job, opts.gpus_per_job)  # type: ignore[no-untyped-call]
         return max(2, 2 * fit) if opts.wait_for_resources and not own_local else max(1, fit)
@@ -378,7 +381,8 @@ def _run_ray(study: Study, store: Store, jobs: list[Job], opts: RunOptions, bar:
     groups, last_beat = 0, time.monotonic()
     try:
         while True:
-            while len(in_flight) < capacity() and (opts.max_groups is None or groups < opts.max_groups):
+            room = capacity()  # once a pass: ray.nodes() asks the cluster's control store
+            while len(in_flight) < room and (opts.max_groups is None or groups < opts.max_groups):
                 claims = _claim(store, jobs, opts, groups)
                 if not claims:
                     break

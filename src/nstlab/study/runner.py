@@ -21,7 +21,7 @@ from typing import Any
 
 from nstlab.errors import ConfigError, NstlabError, ResourceError
 from nstlab.images import save_image, write_text_atomic
-from nstlab.study.spec import Job, Study, reference_options
+from nstlab.study.spec import Job, Study, maker_name, reference_options
 from nstlab.study.store import Store
 
 
@@ -409,8 +409,7 @@ def _scoring_view(recorded: dict[str, Any], resolve_from: Path | None = None) ->
     # "auto", "./w" and "w", the metrics in another order.
     written = recorded.get("reference") or {}
     reference = {**_reference_defaults(), **(written if isinstance(written, dict) else {"?": written})}
-    maker = str(reference.get("maker", "auto")).strip().lower()
-    reference["maker"] = maker
+    maker = reference["maker"] = maker_name(reference)
     for key, makers in _PATH_USERS.items():
         value = reference.pop(key, None)
         if maker in makers and value:

@@ -322,14 +322,19 @@ def reference_options(reference: Mapping[str, Any]) -> ReferenceOptions:
     return ReferenceOptions(**options)
 
 
+def maker_name(reference: Mapping[str, Any]) -> str:
+    """The [reference] table's maker as the makers are named: "Auto" and " auto" are "auto"."""
+    return str(reference.get("maker", "auto")).strip().lower()
+
+
 def _check_reference(reference: Mapping[str, Any], where: str) -> None:
     """The [reference] table's maker and options, checked now rather than after every job's stylisation."""
     from nstlab.reference import MAKERS
 
     maker = reference.get("maker", "auto")
-    if not isinstance(maker, str) or maker.strip().lower() not in MAKERS:
+    if not isinstance(maker, str) or maker_name(reference) not in MAKERS:
         raise choice_error(f"reference maker in {where} [reference]", str(maker), MAKERS)
-    if maker.strip().lower() == "folder" and not reference.get("reference_dir"):
+    if maker_name(reference) == "folder" and not reference.get("reference_dir"):
         raise ConfigError(f'{where}: [reference] maker = "folder" needs reference_dir = "<folder>"')
     try:
         reference_options(reference)
@@ -403,15 +408,12 @@ def load_study(path: str | Path, *, smoke: bool = False) -> Study:
         if isinstance(reference.get(key), str) and reference[key]:
             reference[key] = str((path.parent / Path(reference[key]).expanduser()).resolve())
     _check_reference(reference, where)
-    folder_maker = str(reference.get("maker", "auto")).strip().lower() == "folder"
-    if folder_maker and not Path(str(reference["reference_dir"])).is_dir():  # other makers do not read it
+    if (
+        maker_name(reference) == "folder" and not Path(str(reference["reference_dir"])).is_dir()
+    ):  # other makers do not read it
         raise InputError(f"{where} [reference]: reference_dir {reference['reference_dir']} is not a folder")
     if smoke:
-        reference["maker"] = (
-            "magenta"
-            if str(reference.get("maker", "auto")).strip().lower() in ("auto", "adain")
-            else reference["maker"]
-        )
+        reference["maker"] = "magenta" if maker_name(reference) in ("auto", "adain") else reference["maker"]
     metrics_raw = _table(raw, "metrics", where, 'names = ["rmse", "psnr", "ssim"]')
     for key in metrics_raw:
         if key not in METRICS_KEYS:
